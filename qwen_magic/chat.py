@@ -1,0 +1,139 @@
+"""Asking the model: a message in, a streamed reply out, the turn recorded.
+
+:class:`Chat` is what ``%%qwen`` calls, and the same object works from plain Python::
+
+    import qwen_magic
+    qwen_magic.load("demo")
+    chat = qwen_magic.Chat()
+    chat.ask("What is a Python generator? One sentence.")
+    chat.ask("Show a three-line example.")       # a follow-up: the history goes along
+    chat.conversation().turns                     # what was said, with timings
+
+One :meth:`Chat.ask` renders the conversation (trimmed to fit the model's context), streams the
+reply into a view, and records the turn. If generation fails, nothing is recorded; if it is
+interrupted (Ctrl-C, the kernel's stop button), the partial reply is recorded and marked so,
+then the interrupt goes on to stop the rest of the notebook run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _state, loading
+from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
+from .generation import Generation, GenerationOptions, count_prompt_tokens
+from .view import TextView, WidgetView, make_view
+
+INTERRUPTED_NOTE = "*(interrupted)*"
+
+
+def notebook_conversations() -> ConversationBook:
+    """The kernel's conversations; they survive ``%reload_ext``."""
+    if _state.conversations is None:
+        _state.conversations = ConversationBook()
+    return _state.conversations
+
+
+class Chat:
+    """Sends messages to a loaded model and keeps the conversations."""
+
+    def __init__(
+        self,
+        model: loading.LoadedModel | None = None,
+        book: ConversationBook | None = None,
+    ) -> None:
+        self._model = model
+        self.book = book if book is not None else notebook_conversations()
+
+    @property
+    def model(self) -> loading.LoadedModel:
+        return self._model or loading.require_current()
+
+    def conversation(self, name: str = DEFAULT_NAME, *, create: bool = True) -> Conversation:
+        return self.book.get(name, create=create)
+
+    def ask(
+        self,
+        message: str,
+        *,
+        conversation: str = DEFAULT_NAME,
+        options: GenerationOptions | None = None,
+        system_prompt: str | None = None,
+        cell_id: str | None = None,
+        view: str | TextView | WidgetView = "auto",
+    ) -> Turn:
+        """Send ``message``, stream the reply into ``view``, record and return the turn."""
+        from IPython.core.error import UsageError
+
+        if not message.strip():
+            raise UsageError("The message is empty; write your question in the cell body.")
+        model = self.model
+        options = options or GenerationOptions()
+        chat = self.conversation(conversation)
+        messages, dropped = chat.fit(
+            message,
+            lambda rendered: count_prompt_tokens(model, rendered),
+            context_length=model.context_length,
+            max_new_tokens=options.max_new_tokens,
+            cell_id=cell_id,
+            system_prompt=system_prompt,
+        )
+        generation = Generation(model, messages, options)
+        generation.stats.dropped_turns = dropped
+        shown = make_view(view) if isinstance(view, str) else view
+        try:
+            for _chunk in generation:
+                shown.update(generation.text)
+        except KeyboardInterrupt:
+            turn = self._record(chat, message, generation, cell_id, options, interrupted=True)
+            shown.finish(f"{generation.text}\n\n{INTERRUPTED_NOTE}", generation.stats.footer())
+            raise
+        turn = self._record(chat, message, generation, cell_id, options, interrupted=False)
+        shown.finish(generation.text, generation.stats.footer())
+        return turn
+
+    def _record(
+        self,
+        chat: Conversation,
+        message: str,
+        generation: Generation,
+        cell_id: str | None,
+        options: GenerationOptions,
+        *,
+        interrupted: bool,
+    ) -> Turn:
+        generation.stats.interrupted = interrupted or generation.stats.interrupted
+        turn = Turn(
+            user=message,
+            assistant=generation.text,
+            cell_id=cell_id,
+            interrupted=generation.stats.interrupted,
+            model=self.model.name,
+            options=options.as_record(),
+            stats=generation.stats.as_record(),
+        )
+        chat.record(turn)
+        return turn
+
+
+def describe(conversation: Conversation, count_tokens: Any = None) -> str:
+    """A short plain-text table of a conversation's turns."""
+    lines = [
+        f"Conversation {conversation.name!r}: {len(conversation)} turns; "
+        f"system prompt: {conversation.system_prompt!r}"
+    ]
+    for number, turn in enumerate(conversation.turns, start=1):
+        tokens = turn.stats.get("new_tokens", "?")
+        mark = " (interrupted)" if turn.interrupted else ""
+        lines.append(
+            f"{number:>3}. user: {_clip(turn.user)} | assistant ({tokens} tokens){mark}: "
+            f"{_clip(turn.assistant)}"
+        )
+    if count_tokens is not None:
+        lines.append(f"History: {count_tokens(conversation.messages())} tokens as a prompt.")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -1,0 +1,469 @@
+"""Turn a model spec into a loaded model, once per kernel.
+
+A :class:`ModelSpec` names what to load: a hub id (``Qwen/Qwen2-7B-Instruct``), a local Hugging
+Face folder, a ``.gguf`` file, or ``demo`` (the offline demo model, see ``demo_model``), plus how
+(dtype, device, attention, revision, trust_remote_code). :func:`load` returns a
+:class:`LoadedModel` and keeps it as the kernel's current model:
+
+* the same spec again returns the cached object at once (``already_loaded`` is True);
+* a different spec is checked first (path, config, device, memory), so a mistake leaves the
+  current model usable; only then is the old model released (references dropped, ``gc``, CUDA
+  cache emptied) and the new one loaded.
+
+Loading follows Qwen2's own recipe: ``AutoModelForCausalLM.from_pretrained(id, dtype="auto",
+device_map="auto")`` on CUDA, the tokenizer from the same place, ``trust_remote_code`` off
+unless asked for. Every user mistake is a one-line ``UsageError`` that says the fix.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from . import _state
+
+DEFAULT_GPU_MODEL = "Qwen/Qwen2-7B-Instruct"
+MODEL_ENV_VAR = "QWEN_MAGIC_MODEL"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how; two equal specs mean the same loaded model."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    attention: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise UsageError("Give a model: a hub id, a local folder, a .gguf file, or 'demo'.")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if self.attention not in ATTENTIONS:
+            raise UsageError(
+                f"Unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}."
+            )
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, ready to generate, with the facts the summary line shows."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    dtype: str
+    devices: list[str]
+    attention: str
+    parameters: int
+    memory_bytes: int
+    load_seconds: float
+    notices: list[str] = field(default_factory=list)
+    already_loaded: bool = False
+
+    @property
+    def device(self) -> Any:
+        """Where inputs go: the device of the input embeddings."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + reply) the model attends to."""
+        return int(getattr(self.model.config, "max_position_embeddings", 32768))
+
+    def summary(self) -> str:
+        """One line: name, parameters, dtype, device(s), memory, seconds."""
+        return (
+            f"Loaded {self.name}: {self.parameters / 1e9:.2f}B parameters, {self.dtype}, "
+            f"{'+'.join(self.devices)}, attention {self.attention}, "
+            f"{self.memory_bytes / 2**30:.2f} GiB, {self.load_seconds:.1f} s"
+        )
+
+
+def default_model_name() -> str:
+    """``$QWEN_MAGIC_MODEL``, else Qwen2-7B-Instruct with CUDA, else the offline demo model."""
+    if from_env := os.environ.get(MODEL_ENV_VAR, "").strip():
+        return from_env
+    return DEFAULT_GPU_MODEL if cuda_available() else "demo"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def current() -> LoadedModel | None:
+    """The kernel's loaded model, if any."""
+    return _state.loaded_model
+
+
+def require_current() -> LoadedModel:
+    """The kernel's loaded model, or a ``UsageError`` saying how to load one."""
+    if _state.loaded_model is None:
+        raise UsageError("No model is loaded yet; run %qwen_load first (e.g. %qwen_load demo).")
+    return _state.loaded_model
+
+
+def release() -> bool:
+    """Drop the kernel's model and free its memory; True if there was one."""
+    if _state.loaded_model is None:
+        return False
+    _state.loaded_model = None
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return True
+
+
+def load(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    attention: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = print,
+) -> LoadedModel:
+    """Load ``model`` (default: :func:`default_model_name`) once per kernel and return it."""
+    spec = ModelSpec(
+        model=(model or default_model_name()).strip(),
+        dtype=dtype,
+        device=device,
+        attention=attention,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    say = progress or (lambda _message: None)
+    cached = _state.loaded_model
+    if cached is not None and cached.spec == spec:
+        cached.already_loaded = True
+        return cached
+
+    started = time.perf_counter()
+    plan = _plan(spec, say)
+    # Everything that can be checked without the weights passed: now make room for them.
+    release()
+    loaded = _load_weights(spec, plan, say)
+    loaded.load_seconds = time.perf_counter() - started
+    _state.loaded_model = loaded
+    return loaded
+
+
+@dataclass
+class _Plan:
+    """The checked, resolved instructions for ``from_pretrained``."""
+
+    path: str
+    gguf_file: str | None
+    name: str
+    source: str
+    torch_dtype: Any
+    device_map: Any
+    attention: str
+    notices: list[str]
+
+
+def _plan(spec: ModelSpec, say: Progress) -> _Plan:
+    """Resolve and check a spec without loading weights; raise ``UsageError`` on any mistake."""
+    import torch
+
+    notices: list[str] = []
+    path, gguf_file, name, source = _resolve_source(spec, say)
+    config = _load_config(spec, path, gguf_file)
+    _check_causal_lm(config, spec.model)
+
+    device_map = _device_map(spec.device)
+    on_cuda = device_map not in ("cpu", None) and cuda_available()
+
+    if spec.dtype == "auto":
+        # GGUF weights are quantized; dequantize to bf16 rather than transformers' fp32 default.
+        torch_dtype: Any = torch.bfloat16 if gguf_file else "auto"
+    else:
+        torch_dtype = getattr(torch, spec.dtype)
+        if spec.dtype == "float16" and not on_cuda:
+            notices.append("float16 is slow on CPU; bfloat16 or float32 is the better choice.")
+
+    attention = _attention(spec.attention, on_cuda, notices)
+    _check_memory(path, gguf_file, spec, on_cuda)
+    return _Plan(path, gguf_file, name, source, torch_dtype, device_map, attention, notices)
+
+
+def _resolve_source(spec: ModelSpec, say: Progress) -> tuple[str, str | None, str, str]:
+    """Return (path or hub id, gguf file name, display name, source description)."""
+    text = spec.model
+    if text == "demo":
+        from .demo_model import DEMO_NAME, ensure_demo_model
+
+        folder = ensure_demo_model(progress=say)
+        return str(folder), None, f"{DEMO_NAME} (offline demo)", str(folder)
+    expanded = Path(text).expanduser()
+    if expanded.exists():
+        if expanded.is_file():
+            if expanded.suffix != ".gguf":
+                raise UsageError(
+                    f"{text} is a file but not a .gguf model; give a model folder, a .gguf file, "
+                    "a hub id, or 'demo'."
+                )
+            _check_gguf_magic(expanded)
+            return str(expanded.parent), expanded.name, expanded.stem, str(expanded)
+        if not (expanded / "config.json").is_file():
+            raise UsageError(
+                f"{text} has no config.json, so it is not a Hugging Face model folder; "
+                "point at the folder that holds config.json and the weights."
+            )
+        return str(expanded), None, expanded.name, str(expanded)
+    if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1:
+        raise UsageError(f"No such file or folder: {text}. Check the path (or use 'demo').")
+    return text, None, text, f"hub:{text}" + (f"@{spec.revision}" if spec.revision else "")
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise UsageError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); it may be truncated "
+            "or another format. Download it again."
+        )
+
+
+def _load_config(spec: ModelSpec, path: str, gguf_file: str | None) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            path,
+            gguf_file=gguf_file,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if gguf_file:
+            raise UsageError(
+                f"Could not read {gguf_file}: it looks corrupt or is not a supported model "
+                f"({_first_line(error)}). Download it again."
+            ) from error
+        if Path(path).exists():
+            raise UsageError(
+                f"Could not read the model config in {path} ({_first_line(error)})."
+            ) from error
+        if "trust_remote_code" in str(error):
+            raise UsageError(
+                f"{path} needs custom code from its repository; if you trust it, add "
+                "--trust-remote-code."
+            ) from error
+        raise UsageError(
+            f"Could not get {path!r} from the Hugging Face Hub (unknown id, private, or no "
+            "network). Check the id, log in with `hf auth login`, or use a local folder, "
+            "a .gguf file, or 'demo'."
+        ) from error
+
+
+def _check_causal_lm(config: Any, model: str) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return
+    kind = ", ".join(architectures) or getattr(config, "model_type", "unknown")
+    raise UsageError(
+        f"{model} is a {kind} model, not a chat (causal language) model; load a Qwen2 "
+        "instruct model such as Qwen/Qwen2-7B-Instruct or 'demo'."
+    )
+
+
+def _device_map(device: str) -> Any:
+    """Map the ``--device`` option to ``from_pretrained``'s ``device_map``."""
+    text = device.strip()
+    if text == "auto":
+        return "auto" if cuda_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:") or text.isdigit():
+        if not cuda_available():
+            raise UsageError(
+                f"--device {text} asks for a GPU, but torch sees no CUDA device here; "
+                "use --device cpu (or install a CUDA build of torch on a GPU machine)."
+            )
+        return text if not text.isdigit() else int(text)
+    if text in DEVICE_MAP_NAMES[1:]:
+        return text
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(
+                f"--device {text} is not valid JSON for a device_map ({error.msg})."
+            ) from error
+    raise UsageError(
+        f"Unknown device {text!r}; use auto, cpu, cuda, cuda:N, balanced, sequential, "
+        "or a JSON device_map such as '{\"\": 0}'."
+    )
+
+
+def _attention(requested: str, on_cuda: bool, notices: list[str]) -> str:
+    """Pick the attention implementation; flash attention falls back to sdpa when unusable."""
+    flash_ready = on_cuda and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash_ready else "sdpa"
+    if requested == "flash_attention_2" and not flash_ready:
+        why = "no CUDA device" if not on_cuda else "the flash-attn package is not installed"
+        notices.append(f"flash_attention_2 is unavailable ({why}); using sdpa instead.")
+        return "sdpa"
+    return requested
+
+
+def _estimated_weight_bytes(path: str, gguf_file: str | None, spec: ModelSpec) -> int | None:
+    """Bytes the weights will take after loading, from the files on disk; None if unknown."""
+    folder = Path(path)
+    if gguf_file or not folder.is_dir():
+        return None
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    if not stored:
+        return None
+    if spec.dtype == "float32":
+        stored_dtype = _stored_dtype(folder)
+        return stored * 2 if stored_dtype in ("bfloat16", "float16") else stored
+    return stored
+
+
+def _stored_dtype(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def _check_memory(path: str, gguf_file: str | None, spec: ModelSpec, on_cuda: bool) -> None:
+    """Refuse up front a local model that cannot fit, so the current model stays loaded."""
+    needed = _estimated_weight_bytes(path, gguf_file, spec)
+    if needed is None:
+        return
+    available = _available_memory_bytes(on_cuda)
+    current_model = _state.loaded_model
+    if current_model is not None:
+        available += current_model.memory_bytes  # released before the new model loads
+    if needed > available:
+        raise UsageError(
+            f"Not enough memory for {spec.model}: its weights need about {needed / 2**30:.1f} GiB "
+            f"but about {available / 2**30:.1f} GiB is free. Use a smaller model or a smaller "
+            "dtype (--dtype bfloat16), or free memory."
+        )
+
+
+def _available_memory_bytes(on_cuda: bool) -> int:
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if on_cuda:
+        import torch
+
+        free += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return int(free)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    say(f"Loading {plan.name} ({spec.dtype}, device {spec.device}, attention {plan.attention})…")
+    common = {
+        "gguf_file": plan.gguf_file,
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+    }
+    # transformers' weight-loading bar would land in saved notebooks as a widget; we print our own
+    # lines instead. Hub downloads (huggingface_hub's bars) still show.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(plan.path, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            plan.path,
+            dtype=plan.torch_dtype,
+            device_map=plan.device_map,
+            attn_implementation=plan.attention,
+            **common,
+        )
+    except Exception as error:
+        if _is_out_of_memory(error):
+            release()
+            gc.collect()
+            raise UsageError(
+                f"Out of memory while loading {plan.name} ({spec.dtype} on {spec.device}); the "
+                "previous model was released. Try --dtype bfloat16, a smaller model, or "
+                "--device auto to spread it over GPU and CPU."
+            ) from error
+        if isinstance(error, (OSError, ValueError)) and plan.gguf_file:
+            raise UsageError(
+                f"Could not load {plan.gguf_file}: {_first_line(error)}. The file may be corrupt."
+            ) from error
+        raise
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+
+    device_map = getattr(model, "hf_device_map", None)
+    devices = sorted({str(d) for d in device_map.values()}) if device_map else [str(model.device)]
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        name=plan.name,
+        source=plan.source,
+        dtype=str(model.dtype).removeprefix("torch."),
+        devices=devices,
+        attention=str(getattr(model.config, "_attn_implementation", plan.attention)),
+        parameters=model.num_parameters(),
+        memory_bytes=int(model.get_memory_footprint()),
+        load_seconds=0.0,
+        notices=plan.notices,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

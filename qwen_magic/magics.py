@@ -1,0 +1,244 @@
+"""The IPython magics: argument parsing and reporting, nothing else.
+
+Every option is declared with ``magic_arguments``, so ``%qwen_load?`` and ``%%qwen?`` print the
+manual and an unknown flag is a one-line ``UsageError``. Defaults are config traitlets, settable
+with ``%config QwenMagics.max_new_tokens = 256`` or in ``ipython_config.py``.
+The work happens in plain objects: :mod:`qwen_magic.loading` and :class:`qwen_magic.chat.Chat`.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, CFloat, CInt, Enum, Unicode
+
+from . import loading
+from .chat import Chat, describe
+from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
+
+
+def current_cell_id(shell: Any) -> str | None:
+    """The id JupyterLab sends with the running cell; None where the frontend sends none."""
+    kernel = getattr(shell, "kernel", None)
+    try:
+        parent = kernel.get_parent() if kernel is not None else None
+    except Exception:  # older ipykernel, or no request in flight
+        return None
+    metadata = (parent or {}).get("metadata") or {}
+    cell_id = metadata.get("cellId")
+    return str(cell_id) if cell_id else None
+
+
+@magics_class
+class QwenMagics(Magics):
+    """``%qwen_load``, ``%%qwen`` and the conversation helpers."""
+
+    model = Unicode(
+        "",
+        help="Model %qwen_load uses when none is given (empty: $QWEN_MAGIC_MODEL, else "
+        "Qwen/Qwen2-7B-Instruct with CUDA, else the offline demo).",
+    ).tag(config=True)
+    dtype = Enum(loading.DTYPES, "auto", help="Default --dtype for %qwen_load.").tag(config=True)
+    device = Unicode("auto", help="Default --device for %qwen_load.").tag(config=True)
+    attention = Enum(loading.ATTENTIONS, "auto", help="Default --attention.").tag(config=True)
+    max_new_tokens = CInt(512, help="Default --max-new-tokens for %%qwen.").tag(config=True)
+    temperature = CFloat(None, allow_none=True, help="Default --temperature.").tag(config=True)
+    top_p = CFloat(None, allow_none=True, help="Default --top-p.").tag(config=True)
+    top_k = CInt(None, allow_none=True, help="Default --top-k.").tag(config=True)
+    repetition_penalty = CFloat(None, allow_none=True, help="Default --repetition-penalty.").tag(
+        config=True
+    )
+    greedy = Bool(None, allow_none=True, help="True: greedy; False: sample; None: model's.").tag(
+        config=True
+    )
+    system_prompt = Unicode(DEFAULT_SYSTEM_PROMPT, help="System prompt of new conversations.").tag(
+        config=True
+    )
+    view = Enum(("auto", "widget", "text"), "auto", help="Where replies stream.").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.chat = Chat()
+
+    # -- loading -------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="Hub id (Qwen/Qwen2-7B-Instruct), local folder, .gguf file, or 'demo'. "
+        "Default: QwenMagics.model, $QWEN_MAGIC_MODEL, then Qwen2-7B-Instruct with CUDA "
+        "or the offline demo model without.",
+    )
+    @argument("--dtype", choices=loading.DTYPES, default=None, help="Weights' dtype (auto).")
+    @argument(
+        "--device",
+        default=None,
+        help="auto (GPU if any, via accelerate), cpu, cuda, cuda:N, balanced, sequential, "
+        "or a JSON device_map.",
+    )
+    @argument(
+        "--attention",
+        choices=loading.ATTENTIONS,
+        default=None,
+        help="Attention kernel; auto picks flash_attention_2 when installed on CUDA, else sdpa.",
+    )
+    @argument("--revision", default=None, help="Hub branch, tag or commit.")
+    @argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run Python code shipped with the model repository (off unless you ask).",
+    )
+    @argument("--quiet", action="store_true", help="Print only the summary line.")
+    @line_magic
+    def qwen_load(self, line: str = "") -> None:
+        """Load a Qwen2-family chat model, once per kernel."""
+        args = parse_argstring(self.qwen_load, line)
+        say = (lambda _message: None) if args.quiet else print
+        loaded = loading.load(
+            args.model or self.model or None,
+            dtype=args.dtype or self.dtype,
+            device=args.device or self.device,
+            attention=args.attention or self.attention,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+            progress=say,
+        )
+        if loaded.already_loaded:
+            print(f"{loaded.name} is already loaded; nothing to do.")
+            return
+        for notice in loaded.notices:
+            print(f"Note: {notice}")
+        print(loaded.summary())
+
+    # -- chatting ------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512).")
+    @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature.")
+    @argument("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1].")
+    @argument("--top-k", type=int, default=None, help="Sample from the k likeliest tokens.")
+    @argument("--repetition-penalty", type=float, default=None, help="Above 1 discourages repeats.")
+    @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
+    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
+    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
+    @argument("-s", "--system", default=None, help="System prompt for this turn only.")
+    @argument("--set-system", default=None, help="Set the conversation's system prompt.")
+    @argument("--new", action="store_true", help="Start the conversation afresh.")
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
+    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
+    @argument(
+        "-i",
+        "--interpolate",
+        action="store_true",
+        help="Replace $name and ${name} with Python variables; braces {} stay as written.",
+    )
+    @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @cell_magic
+    def qwen(self, line: str, cell: str) -> None:
+        """Send the cell to the model; the reply streams below and joins the conversation."""
+        args = parse_argstring(self.qwen, line)
+        message = cell.strip()
+        if not message:
+            raise UsageError("The cell is empty; write your message below %%qwen.")
+        if args.interpolate:
+            message = self._interpolate(message)
+        if args.greedy and args.sample:
+            raise UsageError("Choose one of --greedy and --sample.")
+        greedy = True if args.greedy else False if args.sample else self.greedy
+        options = self._options(args, greedy)
+        self.chat.book.default_system_prompt = self.system_prompt
+        conversation = self.chat.conversation(args.conversation)
+        if args.new:
+            conversation.reset()
+        if args.set_system is not None:
+            conversation.system_prompt = args.set_system
+        turn = self.chat.ask(
+            message,
+            conversation=args.conversation,
+            options=options,
+            system_prompt=args.system,
+            cell_id=current_cell_id(self.shell),
+            view=args.view or self.view,
+        )
+        if args.out:
+            self.shell.user_ns[args.out] = turn.assistant
+
+    def _options(self, args: Any, greedy: bool | None) -> Any:
+        from .generation import GenerationOptions
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return GenerationOptions(
+            max_new_tokens=pick(args.max_new_tokens, self.max_new_tokens),
+            do_sample=None if greedy is None else not greedy,
+            temperature=pick(args.temperature, self.temperature),
+            top_p=pick(args.top_p, self.top_p),
+            top_k=pick(args.top_k, self.top_k),
+            repetition_penalty=pick(args.repetition_penalty, self.repetition_penalty),
+            seed=args.seed,
+        )
+
+    def _interpolate(self, message: str) -> str:
+        try:
+            return string.Template(message).substitute(self.shell.user_ns)
+        except KeyError as error:
+            raise UsageError(
+                f"--interpolate: no variable {error.args[0]!r}; define it, or write $$ for a "
+                "literal $."
+            ) from error
+        except ValueError as error:
+            raise UsageError(f"--interpolate: {error}; write $$ for a literal $.") from error
+
+    # -- the conversation ----------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @line_magic
+    def qwen_history(self, line: str = "") -> None:
+        """Show a conversation's turns and token counts."""
+        args = parse_argstring(self.qwen_history, line)
+        conversation = self.chat.conversation(args.conversation, create=False)
+        from .generation import count_prompt_tokens
+
+        loaded = loading.current()
+        counter = (lambda m: count_prompt_tokens(loaded, m)) if loaded else None
+        print(describe(conversation, counter))
+
+    @magic_arguments()
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument("--all", action="store_true", help="Reset every conversation of this notebook.")
+    @line_magic
+    def qwen_reset(self, line: str = "") -> None:
+        """Forget a conversation's turns (its system prompt stays)."""
+        args = parse_argstring(self.qwen_reset, line)
+        names = self.chat.book.names() if args.all else [args.conversation]
+        dropped = sum(self.chat.conversation(name).reset() for name in names)
+        print(f"Reset {', '.join(map(repr, names)) or 'nothing'}: {dropped} turns forgotten.")
+
+    @magic_arguments()
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @line_magic
+    def qwen_pop(self, line: str = "") -> None:
+        """Remove the last turn of a conversation."""
+        args = parse_argstring(self.qwen_pop, line)
+        turn = self.chat.conversation(args.conversation, create=False).pop()
+        print(f"Removed the last turn: {turn.user[:60]!r}")
+
+    @magic_arguments()
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument("prompt", nargs="*", help="The new system prompt (none: show the current one).")
+    @line_magic
+    def qwen_system(self, line: str = "") -> None:
+        """Show or set a conversation's system prompt."""
+        args = parse_argstring(self.qwen_system, line)
+        conversation = self.chat.conversation(args.conversation)
+        if args.prompt:
+            conversation.system_prompt = " ".join(args.prompt)
+        print(f"System prompt of {conversation.name!r}: {conversation.system_prompt!r}")
