@@ -17,6 +17,7 @@ then the interrupt goes on to stop the rest of the notebook run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import _state, loading
@@ -43,7 +44,12 @@ class Chat:
         book: ConversationBook | None = None,
     ) -> None:
         self._model = model
-        self.book = book if book is not None else notebook_conversations()
+        self._book = book
+
+    @property
+    def book(self) -> ConversationBook:
+        """The conversations: the given book, else the kernel's (looked up on each use)."""
+        return self._book if self._book is not None else notebook_conversations()
 
     @property
     def model(self) -> loading.LoadedModel:
@@ -60,9 +66,13 @@ class Chat:
         options: GenerationOptions | None = None,
         system_prompt: str | None = None,
         cell_id: str | None = None,
-        view: str | TextView | WidgetView = "auto",
+        view: str | TextView | WidgetView | Callable[[], TextView | WidgetView] = "auto",
     ) -> Turn:
-        """Send ``message``, stream the reply into ``view``, record and return the turn."""
+        """Send ``message``, stream the reply into ``view``, record and return the turn.
+
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a view object, or a function making
+        one (called only once the message is known to fit, so an error leaves no empty widget).
+        """
         from IPython.core.error import UsageError
 
         if not message.strip():
@@ -80,7 +90,12 @@ class Chat:
         )
         generation = Generation(model, messages, options)
         generation.stats.dropped_turns = dropped
-        shown = make_view(view) if isinstance(view, str) else view
+        if isinstance(view, str):
+            shown = make_view(view)
+        elif isinstance(view, (TextView, WidgetView)) or hasattr(view, "update"):
+            shown = view
+        else:
+            shown = view()
         try:
             for _chunk in generation:
                 shown.update(generation.text)

@@ -8,17 +8,19 @@ The work happens in plain objects: :mod:`qwen_magic.loading` and :class:`qwen_ma
 
 from __future__ import annotations
 
+import shlex
 import string
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
 from . import loading
 from .chat import Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
+from .view import make_view
 
 
 def current_cell_id(shell: Any) -> str | None:
@@ -31,6 +33,15 @@ def current_cell_id(shell: Any) -> str | None:
     metadata = (parent or {}).get("metadata") or {}
     cell_id = metadata.get("cellId")
     return str(cell_id) if cell_id else None
+
+
+def parse_argstring(magic: Any, line: str) -> Any:
+    """Parse a magic's line like a shell would: quotes group words and are removed."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as error:
+        raise UsageError(f"Could not read the options ({error}); check the quotes.") from error
+    return magic.parser.parse_args(argv)
 
 
 @magics_class
@@ -59,6 +70,9 @@ class QwenMagics(Magics):
         config=True
     )
     view = Enum(("auto", "widget", "text"), "auto", help="Where replies stream.").tag(config=True)
+    redraw_seconds = CFloat(
+        0.15, help="Least time between two redraws of a streaming reply in the notebook."
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -164,7 +178,7 @@ class QwenMagics(Magics):
             options=options,
             system_prompt=args.system,
             cell_id=current_cell_id(self.shell),
-            view=args.view or self.view,
+            view=lambda: make_view(args.view or self.view, self.redraw_seconds),
         )
         if args.out:
             self.shell.user_ns[args.out] = turn.assistant

@@ -101,8 +101,8 @@ def in_widget_frontend() -> bool:
     return True
 
 
-def make_view(mode: str = "auto") -> TextView | WidgetView:
+def make_view(mode: str = "auto", redraw_seconds: float = 0.15) -> TextView | WidgetView:
     """``"widget"``, ``"text"``, or ``"auto"`` (widget in a Jupyter kernel, text elsewhere)."""
     if mode == "widget" or (mode == "auto" and in_widget_frontend()):
-        return WidgetView()
+        return WidgetView(redraw_seconds)
     return TextView()

@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny random Qwen2 for mechanics, the real demo model for words.
+
+The tiny model has Qwen2's architecture at toy size (hidden 64, 2 layers) and the demo model's
+real tokenizer, saved as a normal Hugging Face folder, so every test goes through the same
+``from_pretrained`` path users hit. Its text is noise: assert on mechanics, not words.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may wait on the (unreachable) model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    """The converted offline demo model (built on first use, then cached)."""
+    from qwen_magic.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, demo_path: Path) -> Path:
+    """A tiny random Qwen2ForCausalLM with the real Qwen tokenizer, as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_path)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        **TINY_CONFIG,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    folder = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def fresh_state():
+    """Each test starts with no model loaded and no conversations, and leaves none behind."""
+    from qwen_magic import _state, loading
+
+    loading.release()
+    _state.conversations = None
+    yield _state
+    loading.release()
+    _state.conversations = None
+
+
+@pytest.fixture
+def tiny(fresh_state, tiny_model_path: Path):
+    """The tiny model loaded as the kernel's model."""
+    from qwen_magic import loading
+
+    return loading.load(str(tiny_model_path), device="cpu", progress=None)
+
+
+@pytest.fixture(scope="session")
+def demo_loaded_once(demo_path: Path):
+    """The real demo model, loaded once for the whole session (outside the kernel cache)."""
+    from qwen_magic import loading
+
+    loading.release()
+    model = loading.load("demo", progress=None)
+    loading._state.loaded_model = None  # keep our reference; tests install it when needed
+    return model
+
+
+@pytest.fixture
+def demo(fresh_state, demo_loaded_once):
+    """The real demo model installed as the kernel's model."""
+    fresh_state.loaded_model = demo_loaded_once
+    demo_loaded_once.already_loaded = False
+    return demo_loaded_once
+
+
+@pytest.fixture
+def shell(fresh_state):
+    """A real IPython shell with the extension loaded."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "qwen_magic")
+    yield ip
+    for name in list(ip.user_ns):
+        if name.startswith("qm_"):
+            del ip.user_ns[name]

@@ -1,0 +1,206 @@
+"""One generation on the tiny random Qwen2: streaming, options, cancel, failures, stats."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+from qwen_magic.generation import (
+    Generation,
+    GenerationOptions,
+    count_prompt_tokens,
+    plain_prompt,
+)
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Tell me a story."},
+]
+SAMPLE = GenerationOptions(max_new_tokens=40, do_sample=True, seed=7)
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "qwen_magic-generate"]
+
+
+def finishes(function, seconds: float = 60.0):
+    """Run ``function`` on a thread; fail (instead of hanging the suite) if it does not end."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = function()
+        except BaseException as error:
+            box["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    return box
+
+
+def test_reply_streams_in_several_chunks(tiny):
+    """The reply arrives as several chunks whose concatenation is the final text."""
+    generation = Generation(tiny, MESSAGES, SAMPLE)
+    chunks = list(generation)
+    assert len(chunks) > 1
+    assert "".join(chunks) == generation.text
+    assert generation.stats.new_tokens > 1
+    assert generation.stats.prompt_tokens == count_prompt_tokens(tiny, MESSAGES)
+    assert generation.stats.first_token_seconds is not None
+    assert not worker_threads()
+
+
+def test_same_seed_gives_the_same_sample(tiny):
+    """Sampling with a fixed seed is repeatable; another seed differs."""
+    first = Generation(tiny, MESSAGES, SAMPLE).run()
+    second = Generation(tiny, MESSAGES, SAMPLE).run()
+    other = Generation(tiny, MESSAGES, GenerationOptions(40, do_sample=True, seed=8)).run()
+    assert first == second
+    assert other != first
+
+
+def test_options_reach_generate(tiny, monkeypatch):
+    """Every option set is passed to model.generate, with the streamer and stopping criteria."""
+    seen = {}
+    real = tiny.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", spy)
+    options = GenerationOptions(
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=3,
+        repetition_penalty=1.2,
+        seed=1,
+    )
+    Generation(tiny, MESSAGES, options).run()
+    assert seen["max_new_tokens"] == 5
+    assert seen["do_sample"] is True
+    assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (0.5, 0.9, 3)
+    assert seen["repetition_penalty"] == 1.2
+    assert seen["streamer"].skip_prompt is True
+    assert seen["streamer"].decode_kwargs == {"skip_special_tokens": True}
+    assert len(seen["stopping_criteria"]) == 1
+
+
+def test_greedy_and_temperature_zero_disable_sampling():
+    """--greedy and temperature 0 both mean do_sample=False without sampling knobs."""
+    assert (
+        GenerationOptions(do_sample=False, temperature=0.7).generate_kwargs()["do_sample"] is False
+    )
+    kwargs = GenerationOptions(temperature=0).generate_kwargs()
+    assert kwargs["do_sample"] is False and kwargs["temperature"] is None
+    assert "do_sample" not in GenerationOptions().generate_kwargs()  # the model's own default
+
+
+@pytest.mark.parametrize(
+    ("options", "fix"),
+    [
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+        ({"temperature": -1.0}, "--temperature"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"top_k": -2}, "--top-k"),
+        ({"repetition_penalty": 0.0}, "--repetition-penalty"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(options, fix):
+    """Each out-of-range option is a UsageError naming the option."""
+    with pytest.raises(UsageError, match=fix):
+        GenerationOptions(**options)
+
+
+def test_cancel_stops_within_a_step_and_keeps_the_partial_text(tiny):
+    """cancel() ends generation early; the worker is joined and the partial text kept."""
+    generation = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
+    for chunk in generation:
+        if chunk:
+            generation.cancel()
+    assert generation.stats.interrupted
+    assert generation.text
+    assert generation.stats.new_tokens < 400
+    assert not worker_threads()
+
+
+def test_interrupt_while_reading_stops_the_worker(tiny):
+    """A KeyboardInterrupt in the reading loop cancels and joins the worker before it spreads."""
+    generation = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
+    with pytest.raises(KeyboardInterrupt):
+        for _chunk in generation:
+            raise KeyboardInterrupt
+    assert generation.cancelled
+    assert generation.stats.new_tokens < 400
+    assert not worker_threads()
+
+
+def test_worker_exception_reaches_the_caller_without_hanging(tiny, monkeypatch):
+    """An exception inside generate ends the stream and is re-raised on the caller's thread."""
+
+    def broken(**kwargs):
+        time.sleep(0.2)
+        raise ValueError("tokenizer exploded")
+
+    monkeypatch.setattr(tiny.model, "generate", broken)
+    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    assert isinstance(box.get("error"), ValueError)
+    assert not worker_threads()
+
+
+def test_worker_exception_after_some_text_still_ends(tiny, monkeypatch):
+    """A failure midway through streaming ends the stream and raises."""
+    real = tiny.model.generate
+
+    def fails_midway(**kwargs):
+        streamer = kwargs["streamer"]
+        kwargs = {**kwargs, "max_new_tokens": 5}
+        real(**kwargs)  # streams some text and ends the streamer
+        streamer.next_tokens_are_prompt = True
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(tiny.model, "generate", fails_midway)
+    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    assert isinstance(box.get("error"), RuntimeError)
+
+
+def test_cuda_out_of_memory_becomes_a_usage_error(tiny, monkeypatch):
+    """A CUDA OOM in the worker is reported as a UsageError saying what to lower."""
+
+    def oom(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny.model, "generate", oom)
+    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    error = box.get("error")
+    assert type(error) is UsageError
+    assert "--max-new-tokens" in str(error)
+
+
+def test_only_one_generation_at_a_time(tiny):
+    """A second generation while one streams is refused, never run alongside."""
+    first = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=30, do_sample=True))
+    iterator = iter(first)
+    next(iterator)
+    with pytest.raises(UsageError, match="still being generated"):
+        Generation(tiny, MESSAGES, SAMPLE).run()
+    first.cancel()
+    for _chunk in iterator:
+        pass
+    assert Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=3)).run() is not None
+
+
+def test_plain_prompt_for_models_without_a_chat_template():
+    """Without a chat template, messages become a simple transcript ending in 'Assistant:'."""
+    text = plain_prompt(MESSAGES)
+    assert text.startswith("System: You are a helpful assistant.")
+    assert text.endswith("User: Tell me a story.\n\nAssistant:")

@@ -1,0 +1,245 @@
+"""%%qwen and the conversation magics in a real IPython shell."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from IPython.core.error import UsageError
+
+from qwen_magic import _state
+
+FAST = "-n 6 --greedy --view text"
+
+
+def turns(name: str = "default") -> list:
+    return _state.conversations.get(name).turns
+
+
+def ask(shell, message: str, line: str = FAST) -> None:
+    shell.run_cell_magic("qwen", line, message)
+
+
+def test_qwen_without_a_model_says_to_load_one(shell):
+    """%%qwen before %qwen_load is a UsageError telling the user to run %qwen_load."""
+    with pytest.raises(UsageError, match="%qwen_load"):
+        ask(shell, "hello")
+
+
+def test_empty_cell_is_refused_and_history_untouched(shell, tiny):
+    """An empty cell is a UsageError and the conversation keeps its turns."""
+    ask(shell, "hello")
+    with pytest.raises(UsageError, match="empty"):
+        ask(shell, "   \n ")
+    assert len(turns()) == 1
+
+
+def test_each_cell_adds_one_user_assistant_pair(shell, tiny, capsys):
+    """Each %%qwen cell adds exactly one turn whose text was streamed to the output."""
+    ask(shell, "first")
+    ask(shell, "second")
+    assert [t.user for t in turns()] == ["first", "second"]
+    out = capsys.readouterr().out
+    assert turns()[1].assistant in out
+    assert "tokens/s" in out
+    messages = _state.conversations.get("default").messages("third")
+    assert [m["role"] for m in messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+
+
+def test_rerunning_a_cell_replaces_its_turn(shell, tiny, monkeypatch):
+    """A cell id seen before replaces that turn and drops the ones after it."""
+    cell = {"id": "cell-a"}
+    monkeypatch.setattr("qwen_magic.magics.current_cell_id", lambda _shell: cell["id"])
+    ask(shell, "question A")
+    cell["id"] = "cell-b"
+    ask(shell, "question B")
+    cell["id"] = "cell-a"
+    ask(shell, "question A, edited")
+    assert [t.user for t in turns()] == ["question A, edited"]
+    assert turns()[0].cell_id == "cell-a"
+
+
+def test_named_conversations_are_independent(shell, tiny):
+    """-c NAME keeps a separate history."""
+    ask(shell, "in default")
+    ask(shell, "in other", f"{FAST} -c other")
+    ask(shell, "in other again", f"{FAST} -c other")
+    assert len(turns()) == 1
+    assert [t.user for t in turns("other")] == ["in other", "in other again"]
+
+
+def test_new_starts_the_conversation_afresh(shell, tiny):
+    """--new forgets the earlier turns before asking."""
+    ask(shell, "one")
+    ask(shell, "two", f"{FAST} --new")
+    assert [t.user for t in turns()] == ["two"]
+
+
+def test_out_variable_receives_the_reply(shell, tiny):
+    """-o NAME stores the reply text in the user's namespace."""
+    ask(shell, "hello", f"{FAST} -o qm_reply")
+    assert shell.user_ns["qm_reply"] == turns()[-1].assistant
+
+
+def test_options_reach_generate(shell, tiny, monkeypatch):
+    """Magic options become generate() arguments; the turn records them."""
+    seen = {}
+    real = tiny.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", spy)
+    ask(
+        shell,
+        "hi",
+        "-n 4 --sample -t 0.6 --top-p 0.8 --top-k 5 --repetition-penalty 1.1 --seed 3 --view text",
+    )
+    assert seen["max_new_tokens"] == 4 and seen["do_sample"] is True
+    assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (0.6, 0.8, 5)
+    assert seen["repetition_penalty"] == 1.1
+    assert turns()[-1].options["seed"] == 3
+
+
+def test_config_traitlets_set_defaults(shell, tiny, monkeypatch):
+    """%config QwenMagics.max_new_tokens changes the default reply budget."""
+    seen = {}
+    real = tiny.model.generate
+    monkeypatch.setattr(tiny.model, "generate", lambda **kw: seen.update(kw) or real(**kw))
+    shell.run_line_magic("config", "QwenMagics.max_new_tokens = 3")
+    try:
+        ask(shell, "hi", "--greedy --view text")
+    finally:
+        shell.run_line_magic("config", "QwenMagics.max_new_tokens = 512")
+    assert seen["max_new_tokens"] == 3
+
+
+def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
+    """-s changes one turn's system prompt; --set-system changes the conversation's."""
+    rendered = []
+    import qwen_magic.chat as chat_module
+
+    real = chat_module.Generation
+
+    def spy(model, messages, options):
+        rendered.append(messages[0]["content"])
+        return real(model, messages, options)
+
+    monkeypatch.setattr(chat_module, "Generation", spy)
+    ask(shell, "a", f"{FAST} -s 'Be terse.'")
+    ask(shell, "b")
+    ask(shell, "c", f"{FAST} --set-system 'Answer in French.'")
+    ask(shell, "d")
+    assert rendered == [
+        "Be terse.",
+        "You are a helpful assistant.",
+        "Answer in French.",
+        "Answer in French.",
+    ]
+
+
+def test_interpolation_is_explicit_and_leaves_braces_alone(shell, tiny):
+    """-i replaces $name; without -i nothing changes; braces in code always pass untouched."""
+    shell.user_ns["qm_lang"] = "Rust"
+    code = 'def f():\n    return {"key": [1, 2]}  # ${not_a_var} without -i'
+    ask(shell, f"Explain in $qm_lang:\n{code}")
+    assert turns()[-1].user == f"Explain in $qm_lang:\n{code}"
+    ask(shell, 'Port to ${qm_lang}: def f(): return {"k": 1}', f"{FAST} -i")
+    assert turns()[-1].user == 'Port to Rust: def f(): return {"k": 1}'
+
+
+def test_interpolation_of_an_unknown_name_is_a_usage_error(shell, tiny):
+    """-i with an undefined variable says which one, and records nothing."""
+    with pytest.raises(UsageError, match="qm_missing"):
+        ask(shell, "Tell me about $qm_missing", f"{FAST} -i")
+    assert _state.conversations is None or not turns()
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["--bogus", "-n 0", "-t -1", "--top-p 2", "--greedy --sample", "--view nowhere", "-n ten"],
+)
+def test_bad_options_are_usage_errors_and_lose_nothing(shell, tiny, line):
+    """Bad flags or values raise a one-line UsageError and keep the conversation intact."""
+    ask(shell, "kept")
+    with pytest.raises(UsageError) as caught:
+        ask(shell, "never recorded", line)
+    assert "\n" not in str(caught.value).strip()
+    assert [t.user for t in turns()] == ["kept"]
+
+
+def test_history_pop_reset_and_system_magics(shell, tiny, capsys):
+    """%qwen_history lists turns; %qwen_pop and %qwen_reset remove them; %qwen_system sets."""
+    ask(shell, "alpha")
+    ask(shell, "beta")
+    capsys.readouterr()
+    shell.run_line_magic("qwen_history", "")
+    listing = capsys.readouterr().out
+    assert "2 turns" in listing and "alpha" in listing and "beta" in listing
+    assert re.search(r"History: \d+ tokens", listing)
+    shell.run_line_magic("qwen_pop", "")
+    assert [t.user for t in turns()] == ["alpha"]
+    shell.run_line_magic("qwen_system", "Be brief.")
+    assert _state.conversations.get("default").system_prompt == "Be brief."
+    shell.run_line_magic("qwen_reset", "")
+    assert turns() == []
+    with pytest.raises(UsageError, match="No conversation named 'nope'"):
+        shell.run_line_magic("qwen_history", "-c nope")
+
+
+def test_help_lists_every_option(shell):
+    """%%qwen? shows the options, because they are declared with magic_arguments."""
+    doc = shell.find_cell_magic("qwen").__doc__
+    for option in (
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--greedy",
+        "--system",
+        "--new",
+        "--conversation",
+        "--out",
+        "--interpolate",
+    ):
+        assert option in doc
+
+
+def test_conversations_survive_reload_ext(shell, tiny):
+    """%reload_ext keeps the conversation and the loaded model."""
+    ask(shell, "remember me")
+    shell.run_line_magic("reload_ext", "qwen_magic")
+    assert [t.user for t in turns()] == ["remember me"]
+    assert _state.loaded_model is tiny
+
+
+@pytest.mark.demo
+def test_demo_answers_and_follows_up(shell, demo):
+    """The real model answers a factual question and a follow-up that needs the first turn."""
+    ask(
+        shell,
+        "What is the capital of France? Answer in one short sentence.",
+        "-n 30 --greedy --view text -o qm_first",
+    )
+    assert "Paris" in shell.user_ns["qm_first"]
+    ask(shell, "And of Germany? Answer the same way.", "-n 30 --greedy --view text -o qm_second")
+    assert "Berlin" in shell.user_ns["qm_second"]
+
+
+@pytest.mark.demo
+def test_demo_answers_in_chinese_without_broken_characters(shell, demo):
+    """A Chinese prompt yields Chinese text with no U+FFFD replacement characters."""
+    ask(shell, "用一句话介绍一下北京。", "-n 40 --greedy --view text -o qm_zh")
+    reply = shell.user_ns["qm_zh"]
+    assert re.search(r"[\u4e00-\u9fff]", reply)
+    assert "\ufffd" not in reply
+    assert "北京" in reply
