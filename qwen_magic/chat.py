@@ -22,10 +22,11 @@ from typing import Any
 
 from . import _state, loading
 from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
-from .generation import Generation, GenerationOptions, count_prompt_tokens
+from .generation import Generation, GenerationOptions, PromptCache, count_prompt_tokens
 from .view import TextView, WidgetView, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
+MAX_CACHED_CONVERSATIONS = 4
 
 
 def notebook_conversations() -> ConversationBook:
@@ -42,9 +43,13 @@ class Chat:
         self,
         model: loading.LoadedModel | None = None,
         book: ConversationBook | None = None,
+        *,
+        reuse_cache: bool = True,
     ) -> None:
         self._model = model
         self._book = book
+        #: Keep each conversation's KV cache so a follow-up only prefills its new tokens.
+        self.reuse_cache = reuse_cache
 
     @property
     def book(self) -> ConversationBook:
@@ -88,7 +93,7 @@ class Chat:
             cell_id=cell_id,
             system_prompt=system_prompt,
         )
-        generation = Generation(model, messages, options)
+        generation = Generation(model, messages, options, self._prompt_cache(model, conversation))
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):
             shown = make_view(view)
@@ -106,6 +111,14 @@ class Chat:
         turn = self._record(chat, message, generation, cell_id, options, interrupted=False)
         shown.finish(generation.text, generation.stats.footer())
         return turn
+
+    def _prompt_cache(self, model: loading.LoadedModel, name: str) -> PromptCache | None:
+        if not self.reuse_cache:
+            return None
+        caches = model.prompt_caches
+        if name not in caches and len(caches) >= MAX_CACHED_CONVERSATIONS:
+            caches.pop(next(iter(caches)))  # forget the oldest conversation's cache
+        return caches.setdefault(name, PromptCache())
 
     def _record(
         self,

