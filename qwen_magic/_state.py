@@ -14,3 +14,6 @@ loaded_model: Any = None
 
 #: The notebook's conversations (a ``qwen_magic.conversation.ConversationBook``), made lazily.
 conversations: Any = None
+
+#: Where the conversations are saved after each turn (``persistence.HistoryStore``), or None.
+history_store: Any = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import string
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,7 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading
+from . import loading, persistence
 from .chat import Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
 from .view import make_view
@@ -70,6 +71,12 @@ class QwenMagics(Magics):
         config=True
     )
     view = Enum(("auto", "widget", "text"), "auto", help="Where replies stream.").tag(config=True)
+    history_file = Unicode(
+        "",
+        help="Where to save conversations after each turn; empty: beside the notebook "
+        "(NAME.qwen.json) when the frontend names it, else nowhere.",
+    ).tag(config=True)
+    autosave = Bool(True, help="Save conversations after every turn.").tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)
@@ -77,6 +84,16 @@ class QwenMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.chat = Chat()
+        self._attach_history()
+
+    def _attach_history(self) -> None:
+        if self.autosave and (message := persistence.attach(self.shell, self.history_file)):
+            print(message)
+
+    def _changed(self) -> None:
+        """Save the conversations after a change, where a history file is attached."""
+        if self.autosave:
+            persistence.autosave()
 
     # -- loading -------------------------------------------------------------------------
 
@@ -172,14 +189,18 @@ class QwenMagics(Magics):
             conversation.reset()
         if args.set_system is not None:
             conversation.system_prompt = args.set_system
-        turn = self.chat.ask(
-            message,
-            conversation=args.conversation,
-            options=options,
-            system_prompt=args.system,
-            cell_id=current_cell_id(self.shell),
-            view=lambda: make_view(args.view or self.view, self.redraw_seconds),
-        )
+        self._attach_history()
+        try:
+            turn = self.chat.ask(
+                message,
+                conversation=args.conversation,
+                options=options,
+                system_prompt=args.system,
+                cell_id=current_cell_id(self.shell),
+                view=lambda: make_view(args.view or self.view, self.redraw_seconds),
+            )
+        finally:  # an interrupted turn is recorded too
+            self._changed()
         if args.out:
             self.shell.user_ns[args.out] = turn.assistant
 
@@ -234,6 +255,7 @@ class QwenMagics(Magics):
         args = parse_argstring(self.qwen_reset, line)
         names = self.chat.book.names() if args.all else [args.conversation]
         dropped = sum(self.chat.conversation(name).reset() for name in names)
+        self._changed()
         print(f"Reset {', '.join(map(repr, names)) or 'nothing'}: {dropped} turns forgotten.")
 
     @magic_arguments()
@@ -243,6 +265,7 @@ class QwenMagics(Magics):
         """Remove the last turn of a conversation."""
         args = parse_argstring(self.qwen_pop, line)
         turn = self.chat.conversation(args.conversation, create=False).pop()
+        self._changed()
         print(f"Removed the last turn: {turn.user[:60]!r}")
 
     @magic_arguments()
@@ -255,4 +278,61 @@ class QwenMagics(Magics):
         conversation = self.chat.conversation(args.conversation)
         if args.prompt:
             conversation.system_prompt = " ".join(args.prompt)
+            self._changed()
         print(f"System prompt of {conversation.name!r}: {conversation.system_prompt!r}")
+
+    # -- saving and restoring ------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
+    @line_magic
+    def qwen_save(self, line: str = "") -> None:
+        """Save every conversation of this notebook to a JSON file."""
+        args = parse_argstring(self.qwen_save, line)
+        path = self._history_target(args.file)
+        if path.exists():
+            persistence.read_book(path)  # refuses, untouched, a file that is not ours
+        persistence.write_atomic(path, persistence.book_to_json(self.chat.book))
+        print(f"Saved {persistence.summary(self.chat.book)} to {path}.")
+
+    @magic_arguments()
+    @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
+    @line_magic
+    def qwen_restore(self, line: str = "") -> None:
+        """Replace this notebook's conversations with those saved in a JSON file."""
+        args = parse_argstring(self.qwen_restore, line)
+        path = self._history_target(args.file)
+        book = persistence.read_book(path)
+        book.default_system_prompt = self.system_prompt
+        from . import _state
+
+        _state.conversations = book
+        for loaded in filter(None, [loading.current()]):
+            loaded.prompt_caches.clear()
+        print(f"Restored {persistence.summary(book)} from {path}.")
+
+    @magic_arguments()
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument("file", help="Markdown file to write, e.g. chat.md.")
+    @line_magic
+    def qwen_export(self, line: str = "") -> None:
+        """Write a conversation as a Markdown document."""
+        args = parse_argstring(self.qwen_export, line)
+        conversation = self.chat.conversation(args.conversation, create=False)
+        path = Path(args.file).expanduser()
+        persistence.write_atomic(path, conversation.to_markdown())
+        print(f"Wrote {len(conversation)} turns of {conversation.name!r} to {path}.")
+
+    def _history_target(self, file: str | None) -> Path:
+        if file:
+            return Path(file).expanduser()
+        from . import _state
+
+        if self.history_file:
+            return Path(self.history_file).expanduser()
+        if _state.history_store is not None:
+            return _state.history_store.path
+        raise UsageError(
+            "This frontend does not say which notebook runs, so there is no default file; "
+            "give one, e.g. %qwen_save chat.qwen.json."
+        )
