@@ -84,6 +84,11 @@ class Chat:
             raise UsageError("The message is empty; write your question in the cell body.")
         model = self.model
         options = options or GenerationOptions()
+        if not getattr(model.tokenizer, "chat_template", None) and not model.warned_no_template:
+            model.warned_no_template = True
+            print(
+                f"Note: {model.name} has no chat template; using a plain 'User:/Assistant:' prompt."
+            )
         chat = self.conversation(conversation)
         messages, dropped = chat.fit(
             message,

@@ -79,6 +79,7 @@ class LoadedModel:
     load_seconds: float
     notices: list[str] = field(default_factory=list)
     already_loaded: bool = False
+    warned_no_template: bool = False
     #: Each conversation's KV cache (``generation.PromptCache``), freed with the model.
     prompt_caches: dict[str, Any] = field(default_factory=dict, repr=False)
 
