@@ -77,6 +77,9 @@ class QwenMagics(Magics):
         "(NAME.qwen.json) when the frontend names it, else nowhere.",
     ).tag(config=True)
     autosave = Bool(True, help="Save conversations after every turn.").tag(config=True)
+    reuse_cache = Bool(
+        True, help="Keep each conversation's KV cache so a follow-up prefills only new tokens."
+    ).tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)
@@ -190,6 +193,7 @@ class QwenMagics(Magics):
         if args.set_system is not None:
             conversation.system_prompt = args.set_system
         self._attach_history()
+        self.chat.reuse_cache = self.reuse_cache
         try:
             turn = self.chat.ask(
                 message,

@@ -1,0 +1,371 @@
+"""qwen_magic benchmark: what the magic costs on top of the model, measured as ratios in one run.
+
+Run with ``make bench`` (about 5-10 minutes on 2 CPU cores). It prints a table and rewrites
+``BENCHMARKS.md``. Every comparison is made within this one run, with the two sides interleaved,
+because the machines are shared and noisy; nothing here is a pass/fail test.
+
+Measured on the offline demo model (Qwen2.5-Coder-0.5B-Instruct, bf16):
+
+* load: first-ever (assemble + verify + convert, in a scratch cache, in a new process), cached load
+  in a new process, and a repeated ``%qwen_load`` of the same spec;
+* time to first token and decode tokens/s: bare ``model.generate`` (the seed recipe) against
+  ``%%qwen`` in a real Jupyter kernel with the widget path, same prompt, greedy;
+* multi-turn: time to first token at turns 1, 4 and 8 of one conversation, with and without
+  KV-cache reuse;
+* memory: RSS after load against the weights' size; cancellation latency after an interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
+
+PROMPT = "Write a short paragraph about why unit tests matter."
+NEW_TOKENS = 64
+REPEATS = 3
+TURN_QUESTIONS = [
+    "What is a Python list?",
+    "How is it different from a tuple?",
+    "When would I use a set instead?",
+    "What about a dict?",
+    "Which of these are mutable?",
+    "Which can be dictionary keys?",
+    "Give one line of code for each.",
+    "Summarise our discussion in one sentence.",
+]
+
+
+def machine_facts() -> dict[str, str]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} cores",
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "GPU": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch threads": str(torch.get_num_threads()),
+    }
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a new interpreter; it prints one JSON line last."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_load() -> dict[str, float]:
+    print("load: first-ever conversion in a scratch cache (about a minute)…", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        first = run_python(
+            "import json, time\n"
+            "from qwen_magic.demo_model import ensure_demo_model\n"
+            "t = time.perf_counter(); ensure_demo_model(progress=lambda m: None)\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t}))",
+            env={"QWEN_MAGIC_CACHE": scratch},
+        )
+    print("load: cached load in a new process…", flush=True)
+    cached = run_python(
+        "import json, time\n"
+        "t = time.perf_counter()\n"
+        "import qwen_magic; loaded = qwen_magic.load('demo', progress=None)\n"
+        "total = time.perf_counter() - t\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(200): qwen_magic.load('demo', progress=None)\n"
+        "again = (time.perf_counter() - t) / 200\n"
+        "import psutil, resource\n"
+        "print(json.dumps({'seconds': total, 'inside_load': loaded.load_seconds, 'again': again,\n"
+        "  'rss': psutil.Process().memory_info().rss, 'weights': loaded.memory_bytes}))"
+    )
+    return {
+        "first_ever_s": first["seconds"],
+        "cached_new_process_s": cached["seconds"],
+        "cached_load_call_s": cached["inside_load"],
+        "repeat_load_ms": cached["again"] * 1000,
+        "rss_after_load_gib": cached["rss"] / 2**30,
+        "weights_gib": cached["weights"] / 2**30,
+    }
+
+
+def bare_generate(loaded) -> dict[str, float]:
+    """The seed recipe: chat template, generate on a thread with TextIteratorStreamer."""
+    import torch
+    from transformers import StoppingCriteria, TextIteratorStreamer
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": PROMPT},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer([text], return_tensors="pt").to(model.device)
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    started = time.perf_counter()
+    worker = threading.Thread(
+        target=model.generate,
+        kwargs={
+            **inputs,
+            "streamer": streamer,
+            "max_new_tokens": NEW_TOKENS,
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "stopping_criteria": [Stamp()],
+        },
+    )
+    worker.start()
+    reply = "".join(streamer)
+    worker.join()
+    tokens = len(stamps)
+    return {
+        "first_token_s": stamps[0] - started,
+        "tokens": tokens,
+        "tokens_per_s": (tokens - 1) / (stamps[-1] - stamps[0]),
+        "reply": reply,
+    }
+
+
+def bench_streaming(loaded) -> dict:
+    """Bare generate in this process against %%qwen in a kernel, interleaved."""
+    print("streaming: bare generate vs %%qwen in a kernel (widget path)…", flush=True)
+    bare_runs, magic_runs, redraws = [], [], []
+    with kernel() as k:
+        k.run_ok("%load_ext qwen_magic\n%qwen_load demo --quiet")
+        # Each run is a fresh first turn: no cache from the previous run may help %%qwen.
+        k.run_ok("import qwen_magic\n%config QwenMagics.reuse_cache = False")
+        bare_generate(loaded)  # warm-up both sides once
+        k.run_ok(f"%%qwen --greedy -n {NEW_TOKENS} --new\n{PROMPT}")
+        for _ in range(REPEATS):
+            bare_runs.append(bare_generate(loaded))
+            updates = []
+
+            def hook(message, updates=updates):
+                if message["msg_type"] == "comm_msg":
+                    updates.append(message)
+
+            k.run(f"%%qwen --greedy -n {NEW_TOKENS} --new\n{PROMPT}", hook)
+            stats = k.value("qwen_magic._state.conversations.get().turns[-1].stats")
+            magic_runs.append(stats)
+            redraws.append(len(updates))
+        rss = k.value("__import__('psutil').Process().memory_info().rss")
+
+        # Cancellation latency: interrupt a long reply, time until the cell has ended.
+        k.run_ok("%config QwenMagics.redraw_seconds = 0.05")
+        seen = threading.Event()
+        latency: dict[str, float] = {}
+
+        def hook(message):
+            if message["msg_type"] == "comm_msg":
+                seen.set()
+
+        def interrupt():
+            seen.wait(120)
+            time.sleep(1.0)
+            latency["sent"] = time.perf_counter()
+            k.manager.interrupt_kernel()
+
+        thread = threading.Thread(target=interrupt)
+        thread.start()
+        k.run(
+            "%%qwen --greedy -n 400 --new\nWrite a long essay about the history of computing.", hook
+        )
+        latency["ended"] = time.perf_counter()
+        thread.join()
+    bare_tps = statistics.median(r["tokens_per_s"] for r in bare_runs)
+    magic_tps = statistics.median(r["tokens_per_second"] for r in magic_runs)
+    return {
+        "bare_first_token_s": statistics.median(r["first_token_s"] for r in bare_runs),
+        "magic_first_token_s": statistics.median(r["first_token_seconds"] for r in magic_runs),
+        "bare_tokens_per_s": bare_tps,
+        "magic_tokens_per_s": magic_tps,
+        "decode_ratio": magic_tps / bare_tps,
+        "tokens": statistics.median(r["tokens"] for r in bare_runs),
+        "magic_tokens": statistics.median(r["new_tokens"] for r in magic_runs),
+        "widget_updates": statistics.median(redraws),
+        "kernel_rss_gib": rss / 2**30,
+        "cancel_latency_s": latency["ended"] - latency["sent"],
+    }
+
+
+def bench_turns(loaded) -> dict:
+    """Time to first token at turns 1, 4, 8, with and without KV-cache reuse, interleaved."""
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+    from qwen_magic.generation import GenerationOptions
+
+    print("multi-turn: 8 turns with and without cache reuse…", flush=True)
+
+    class Quiet:
+        def update(self, text):
+            pass
+
+        def finish(self, text, footer):
+            pass
+
+    options = GenerationOptions(max_new_tokens=32, do_sample=False)
+    results: dict[str, list[list[float]]] = {"reuse": [], "no reuse": []}
+    replies: dict[str, list[str]] = {}
+    for _ in range(REPEATS):
+        for label, reuse in (("reuse", True), ("no reuse", False)):
+            chat = Chat(loaded, ConversationBook(), reuse_cache=reuse)
+            turns = [chat.ask(q, options=options, view=Quiet()) for q in TURN_QUESTIONS]
+            results[label].append([t.stats["first_token_seconds"] for t in turns])
+            replies[label] = [t.assistant for t in turns]
+            prompt_tokens = [t.stats["prompt_tokens"] for t in turns]
+    summary = {}
+    for label, runs in results.items():
+        for turn in (1, 4, 8):
+            summary[f"{label} turn {turn}"] = statistics.median(run[turn - 1] for run in runs)
+    summary["identical"] = replies["reuse"] == replies["no reuse"]
+    summary["prompt_tokens"] = prompt_tokens
+    return summary
+
+
+def main() -> None:
+    import torch
+
+    import qwen_magic
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    facts = machine_facts()
+    load = bench_load()
+    loaded = qwen_magic.load("demo", progress=None)
+    streaming = bench_streaming(loaded)
+    turns = bench_turns(loaded)
+    report = render(facts, load, streaming, turns)
+    print(report)
+    (ROOT / "BENCHMARKS.md").write_text(report)
+
+
+def render(facts: dict, load: dict, streaming: dict, turns: dict) -> str:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    ratio_8 = turns["reuse turn 8"] / turns["reuse turn 1"]
+    ratio_8_without = turns["no reuse turn 8"] / turns["no reuse turn 1"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`benchmarks/run.py`); every ratio compares two measurements "
+        f"taken in the same run, interleaved, median of {REPEATS}. Model: the offline demo "
+        "model, Qwen2.5-Coder-0.5B-Instruct, bf16.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {key}: {value}" for key, value in facts.items()],
+        f"- date: {time.strftime('%Y-%m-%d')}",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+        f"| `%%qwen` decode ≥ 0.97× bare `generate` | {streaming['decode_ratio']:.3f}× "
+        f"({streaming['magic_tokens_per_s']:.2f} vs {streaming['bare_tokens_per_s']:.2f} tokens/s) "
+        f"| {mark(streaming['decode_ratio'] >= 0.97)} |",
+        f"| time to first token at turn 8 ≤ 1.3× turn 1 (cache reuse) | {ratio_8:.2f}× "
+        f"(without reuse: {ratio_8_without:.2f}×) | {mark(ratio_8 <= 1.3)} |",
+        f"| greedy replies identical with and without reuse | {turns['identical']} "
+        f"| {mark(turns['identical'])} |",
+        f"| repeated `%qwen_load` ≤ 10 ms | {load['repeat_load_ms']:.4f} ms "
+        f"| {mark(load['repeat_load_ms'] <= 10)} |",
+        f"| cached demo load in a new process ≤ 6 s | {load['cached_new_process_s']:.1f} s "
+        f"(imports included; the load call itself {load['cached_load_call_s']:.1f} s) "
+        f"| {mark(load['cached_new_process_s'] <= 6)} |",
+        f"| memory after load close to the weights | RSS {load['rss_after_load_gib']:.2f} GiB "
+        f"for {load['weights_gib']:.2f} GiB of weights "
+        f"({load['rss_after_load_gib'] / load['weights_gib']:.2f}×) "
+        f"| {mark(load['rss_after_load_gib'] <= 1.5 * load['weights_gib'])} |",
+        "",
+        "## Loading",
+        "",
+        "| what | seconds |",
+        "|---|---|",
+        f"| first-ever `%qwen_load demo` (assemble, verify, convert; new process) "
+        f"| {load['first_ever_s']:.1f} |",
+        f"| cached load, new process (imports + load) | {load['cached_new_process_s']:.1f} |",
+        f"| repeated `%qwen_load demo` | {load['repeat_load_ms'] / 1000:.6f} |",
+        "",
+        "## Streaming",
+        "",
+        f'Prompt: "{PROMPT}", greedy, {NEW_TOKENS} new tokens at most '
+        f"({streaming['tokens']:.0f} generated by bare generate, {streaming['magic_tokens']:.0f} "
+        "by `%%qwen`).",
+        "",
+        "| | time to first token (s) | decode tokens/s |",
+        "|---|---|---|",
+        f"| bare `model.generate` + `TextIteratorStreamer` | {streaming['bare_first_token_s']:.2f} "
+        f"| {streaming['bare_tokens_per_s']:.2f} |",
+        f"| `%%qwen` in a Jupyter kernel, widget view | {streaming['magic_first_token_s']:.2f} "
+        f"| {streaming['magic_tokens_per_s']:.2f} |",
+        "",
+        f"The Output widget received {streaming['widget_updates']:.0f} updates per reply "
+        "(throttled redraws, not one per token). Kernel RSS with the model loaded: "
+        f"{streaming['kernel_rss_gib']:.2f} GiB. Cancellation: "
+        f"{streaming['cancel_latency_s']:.2f} s from the kernel interrupt to the cell's end "
+        "(the worker stops after the current token and is joined).",
+        "",
+        "## Multi-turn time to first token",
+        "",
+        f"Eight questions in one conversation, greedy, 32 new tokens at most; prompt tokens per "
+        f"turn: {', '.join(map(str, turns['prompt_tokens']))}.",
+        "",
+        "| turn | with cache reuse (s) | without (s) |",
+        "|---|---|---|",
+        *[
+            f"| {turn} | {turns[f'reuse turn {turn}']:.3f} | {turns[f'no reuse turn {turn}']:.3f} |"
+            for turn in (1, 4, 8)
+        ],
+        "",
+        "## GPU",
+        "",
+        "Not measured yet: no GPU machine was available to the session that wrote this. The plan "
+        "(Qwen2-7B-Instruct's shapes with random bf16 weights; plain generate, sdpa vs flash "
+        "attention, static cache + `torch.compile`) is in the performance issue.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
