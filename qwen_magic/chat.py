@@ -152,7 +152,8 @@ class Chat:
 def describe(conversation: Conversation, count_tokens: Any = None) -> str:
     """A short plain-text table of a conversation's turns."""
     lines = [
-        f"Conversation {conversation.name!r}: {len(conversation)} turns; "
+        f"Conversation {conversation.name!r}: {len(conversation)} "
+        f"turn{'s' * (len(conversation) != 1)}; "
         f"system prompt: {conversation.system_prompt!r}"
     ]
     for number, turn in enumerate(conversation.turns, start=1):

@@ -71,6 +71,10 @@ class GenerationOptions:
         do_sample = self.do_sample
         if self.temperature == 0:
             do_sample = False  # temperature 0 means greedy, as in most chat APIs
+        elif do_sample is None and any(
+            value is not None for value in (self.temperature, self.top_p, self.top_k)
+        ):
+            do_sample = True  # asking for a temperature or top-p/top-k means sampling
         if do_sample is not None:
             kwargs["do_sample"] = do_sample
         if do_sample is not False:

@@ -418,7 +418,10 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    say(f"Loading {plan.name} ({spec.dtype}, device {spec.device}, attention {plan.attention})…")
+    say(
+        f"Loading {plan.name}: dtype {spec.dtype}, device {spec.device}, "
+        f"attention {plan.attention}…"
+    )
     common = {
         "gguf_file": plan.gguf_file,
         "revision": spec.revision,

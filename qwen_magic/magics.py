@@ -258,7 +258,7 @@ class QwenMagics(Magics):
         """Forget a conversation's turns (its system prompt stays)."""
         args = parse_argstring(self.qwen_reset, line)
         names = self.chat.book.names() if args.all else [args.conversation]
-        dropped = sum(self.chat.conversation(name).reset() for name in names)
+        dropped = sum(self.chat.conversation(name, create=False).reset() for name in names)
         self._changed()
         print(f"Reset {', '.join(map(repr, names)) or 'nothing'}: {dropped} turns forgotten.")
 

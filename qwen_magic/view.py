@@ -4,9 +4,9 @@
 cell. It is updated from the cell's own thread (never from the generation worker, whose output
 would land in whichever cell runs then) and redrawn at most ``redraw_seconds`` apart, by setting
 the widget's ``outputs`` to one Markdown bundle: a handful of small messages a second, however
-fast the tokens come. When the reply is complete the widget is closed and the reply is displayed
-as an ordinary Markdown output with a one-line footer, so the saved notebook reads well anywhere
-(GitHub, nbconvert) and not only where widgets render.
+fast the tokens come. When the reply is complete the widget is emptied and closed, and the
+reply is displayed as an ordinary Markdown output with a one-line footer, so the saved notebook
+reads well anywhere (GitHub, nbconvert) and not only where widgets render.
 
 :class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives.
 
@@ -79,7 +79,9 @@ class WidgetView:
     def finish(self, text: str, footer: str) -> None:
         from IPython.display import Markdown, display
 
-        self._show(text)
+        # Empty the widget before closing it, so the saved widget state does not hold the reply
+        # a second time beside the Markdown output below.
+        self.output.outputs = ()
         self.output.close()
         display(Markdown(text))
         display(Markdown(f"<sub>{footer}</sub>"))

@@ -95,13 +95,15 @@ def test_options_reach_generate(tiny, monkeypatch):
 
 
 def test_greedy_and_temperature_zero_disable_sampling():
-    """--greedy and temperature 0 both mean do_sample=False without sampling knobs."""
+    """--greedy and temperature 0 mean greedy; a temperature or top-p alone means sampling."""
     assert (
         GenerationOptions(do_sample=False, temperature=0.7).generate_kwargs()["do_sample"] is False
     )
     kwargs = GenerationOptions(temperature=0).generate_kwargs()
     assert kwargs["do_sample"] is False and kwargs["temperature"] is None
     assert "do_sample" not in GenerationOptions().generate_kwargs()  # the model's own default
+    assert GenerationOptions(temperature=1.2).generate_kwargs()["do_sample"] is True
+    assert GenerationOptions(top_p=0.9).generate_kwargs()["do_sample"] is True
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ def test_load_fills_every_field_of_loaded_model(fresh_state, tiny_model_path, no
     said: list[str] = []
     loaded = qwen_magic.load(str(tiny_model_path), device="cpu", progress=said.append)
     model = loaded.model
-    assert len(said) == 1 and said[0].startswith("Loading tiny-qwen2 (auto, device cpu")
+    assert len(said) == 1 and said[0].startswith("Loading tiny-qwen2: dtype auto, device cpu")
     assert isinstance(loaded, loading.LoadedModel)
     assert isinstance(model, transformers.Qwen2ForCausalLM)
     assert loaded.name == "tiny-qwen2"
@@ -157,7 +157,7 @@ def test_qwen_load_prints_progress_then_the_summary(shell, tiny_model_path, caps
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU}")
     loaded = _state.loaded_model
     lines = output_lines(capsys)
-    assert lines[0].startswith("Loading tiny-qwen2 (auto, device cpu, attention sdpa)")
+    assert lines[0].startswith("Loading tiny-qwen2: dtype auto, device cpu, attention sdpa")
     assert lines[-1] == loaded.summary()
     assert re.fullmatch(r"Loaded tiny-qwen2: \d+\.\d\dB parameters, float32, cpu, .*", lines[-1])
 

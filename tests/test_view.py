@@ -41,8 +41,8 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     for text in ("One", "One two", "One two three"):
         view.update(text)
     view.finish("One two three.", "4 tokens")
-    texts = [outputs[0]["data"]["text/markdown"] for outputs in seen]
-    assert texts == ["One ▌", "One two ▌", "One two three ▌", "One two three."]
+    texts = [outputs[0]["data"]["text/markdown"] if outputs else "" for outputs in seen]
+    assert texts == ["One ▌", "One two ▌", "One two three ▌", ""]  # emptied before closing
     assert shown[0] is view.output
     assert shown[1].data == "One two three."
     assert "4 tokens" in shown[2].data
@@ -65,9 +65,10 @@ def test_chat_streams_into_the_widget_in_several_redraws(tiny, monkeypatch):
         options=GenerationOptions(max_new_tokens=40, do_sample=True, seed=3),
         view=view,
     )
-    texts = [outputs[0]["data"]["text/markdown"] for outputs in seen]
+    texts = [outputs[0]["data"]["text/markdown"] for outputs in seen if outputs]
     assert len(set(texts)) >= 3
-    assert texts[-1] == turn.assistant
+    assert texts[-1] == turn.assistant + " ▌"
+    assert seen[-1] == ()  # emptied when the final Markdown takes over
     lengths = [len(t.removesuffix(" ▌")) for t in texts]
     assert lengths == sorted(lengths)
 
@@ -114,7 +115,7 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
         assert time.perf_counter() - started < 120
         reply_text = _evaluate(client, "qm_reply")
         assert len(set(updates)) >= 3, updates
-        assert updates[-1] == reply_text
+        assert reply_text.startswith(updates[-1].removesuffix(" ▌"))
         assert markdown_outputs[0] == reply_text  # the final Markdown, after the widget closed
     finally:
         client.stop_channels()
