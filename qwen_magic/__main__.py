@@ -50,6 +50,8 @@ def run_notebook(path: str, out: str | None) -> int:
         ]
         print(f"\n>>> {question}")
         for reply in replies:
+            if reply.startswith("<sub>"):  # the footer line
+                reply = f"[{reply.removeprefix('<sub>').removesuffix('</sub>')}]"
             print(reply)
     destination = Path(out) if out else Path("build") / source.name
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,11 @@
     chat.conversation().turns                     # what was said, with timings
 
 One :meth:`Chat.ask` renders the conversation (trimmed to fit the model's context), streams the
-reply into a view, and records the turn. If generation fails, nothing is recorded; if it is
+reply into a view, and records the turn. If generation fails, nothing is recorded. If it is
 interrupted (Ctrl-C, the kernel's stop button), the partial reply is recorded and marked so,
-then the interrupt goes on to stop the rest of the notebook run.
+then the interrupt goes on to stop the rest of the notebook run. The widget's own Stop button
+cancels the generation instead: the partial reply is recorded and marked interrupted just the
+same, but the cell ends normally and the notebook run goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .generation import Generation, GenerationOptions, PromptCache, count_prompt
 from .view import TextView, WidgetView, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
+STOPPED_NOTE = "*(stopped)*"
 MAX_CACHED_CONVERSATIONS = 4
 
 
@@ -98,7 +101,7 @@ class Chat:
             cell_id=cell_id,
             system_prompt=system_prompt,
         )
-        generation = Generation(model, messages, options, self._prompt_cache(model, conversation))
+        generation = Generation(model, messages, options, self._prompt_cache(model, chat))
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):
             shown = make_view(view)
@@ -106,6 +109,9 @@ class Chat:
             shown = view
         else:
             shown = view()
+        if (on_stop := getattr(shown, "on_stop", None)) is not None:
+            on_stop(generation.cancel)  # the widget's Stop button
+            generation.on_wait = getattr(shown, "poll", None)
         try:
             for _chunk in generation:
                 shown.update(generation.text)
@@ -113,17 +119,25 @@ class Chat:
             turn = self._record(chat, message, generation, cell_id, options, interrupted=True)
             shown.finish(f"{generation.text}\n\n{INTERRUPTED_NOTE}", generation.stats.footer())
             raise
-        turn = self._record(chat, message, generation, cell_id, options, interrupted=False)
-        shown.finish(generation.text, generation.stats.footer())
+        # A Stop click cancelled the generation: a normal end, recorded as interrupted.
+        stopped = generation.cancelled
+        turn = self._record(chat, message, generation, cell_id, options, interrupted=stopped)
+        text = f"{generation.text}\n\n{STOPPED_NOTE}" if stopped else generation.text
+        shown.finish(text, generation.stats.footer())
         return turn
 
-    def _prompt_cache(self, model: loading.LoadedModel, name: str) -> PromptCache | None:
+    def _prompt_cache(
+        self, model: loading.LoadedModel, conversation: Conversation
+    ) -> PromptCache | None:
         if not self.reuse_cache:
             return None
+        # Keyed by the conversation object: two chats never share a cache. (A reused id can only
+        # cost speed: PromptCache.take keeps just the prefix the new prompt really shares.)
+        key = id(conversation)
         caches = model.prompt_caches
-        if name not in caches and len(caches) >= MAX_CACHED_CONVERSATIONS:
+        if key not in caches and len(caches) >= MAX_CACHED_CONVERSATIONS:
             caches.pop(next(iter(caches)))  # forget the oldest conversation's cache
-        return caches.setdefault(name, PromptCache())
+        return caches.setdefault(key, PromptCache())
 
     def _record(
         self,

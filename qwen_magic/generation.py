@@ -27,7 +27,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -193,6 +193,8 @@ class Generation:
     options: GenerationOptions = field(default_factory=GenerationOptions)
     prompt_cache: PromptCache | None = None
     poll_seconds: float = 0.05
+    #: Called on the reading thread while it waits for tokens (e.g. to handle a Stop click).
+    on_wait: Callable[[], Any] | None = None
 
     def __post_init__(self) -> None:
         self.text = ""
@@ -268,6 +270,8 @@ class Generation:
                 except queue.Empty:
                     if not self._thread.is_alive() and streamer.text_queue.empty():
                         break  # the worker died without ending the stream
+                    if self.on_wait is not None:
+                        self.on_wait()
                     continue
                 if chunk is streamer.stop_signal:
                     break

@@ -81,7 +81,7 @@ class LoadedModel:
     already_loaded: bool = False
     warned_no_template: bool = False
     #: Each conversation's KV cache (``generation.PromptCache``), freed with the model.
-    prompt_caches: dict[str, Any] = field(default_factory=dict, repr=False)
+    prompt_caches: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> Any:

@@ -5,10 +5,13 @@ Used by ``tests/test_browser.py``.  Two building blocks:
 * :class:`JupyterLabServer` - context manager that starts ``python -m jupyterlab`` on a
   free loopback port with a random token and throw-away Jupyter config/data/runtime
   directories, waits for ``/api/status`` and kills the whole process tree on exit.
-* :func:`run_cell_and_watch` - opens a notebook in a fresh JupyterLab workspace, accepts
-  a kernel dialog if one shows, runs the cells before ``cell_index`` and then the cell
-  itself, and polls (inside the page, every ``poll_ms`` ms) the text of that cell's
-  ipywidgets ``Output`` while the cell executes.
+* :func:`open_notebook` - context manager that opens a notebook in a fresh JupyterLab
+  workspace, accepts a kernel dialog if one shows, waits for an idle kernel and yields a
+  :class:`LabPage` to run cells, wait for them and click in their outputs; a screenshot is
+  written on the way out, also when the test failed.
+* :func:`run_cell_and_watch` - built on it: runs the cells before ``cell_index`` and then
+  the cell itself, and polls (inside the page, every ``poll_ms`` ms) the text of that
+  cell's ipywidgets ``Output`` while the cell executes.
 
 Chromium is Debian's ``/usr/bin/chromium`` driven by the ``playwright`` Python package;
 Playwright's own browser download is never used.  Only 127.0.0.1 is ever contacted.
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,11 +396,12 @@ _CELL_PROMPT_JS = """
 """
 
 
-def _run_cell(page, index: int, timeout: float) -> float:
-    """Select cell ``index``, press Ctrl+Enter and wait for its prompt to read ``[n]:``.
+def _start_cell(page, index: int, timeout: float) -> float:
+    """Select cell ``index``, press Ctrl+Enter and wait until the run is accepted.
 
     Ctrl+Enter (notebook:run-cell) rather than Shift+Enter, which would also move on and
-    append a new cell at the end of the notebook.
+    append a new cell at the end of the notebook.  Returns the ``time.monotonic()`` of the
+    key press.
     """
     cell = _cell(page, index)
     cell.locator(".jp-InputArea-prompt").click()  # selects the cell, command mode
@@ -410,8 +414,142 @@ def _run_cell(page, index: int, timeout: float) -> float:
     except Exception as err:
         prompt = page.evaluate(_CELL_PROMPT_JS, [index])
         raise RuntimeError(f"cell {index} did not start (prompt {prompt!r})") from err
+    return t0
+
+
+def _wait_cell_done(page, index: int, timeout: float) -> None:
+    """Wait for cell ``index``'s prompt to read ``[n]:``."""
     page.wait_for_function(_CELL_DONE_JS, arg=[index], timeout=timeout * 1000, polling=50)
+
+
+def _run_cell(page, index: int, timeout: float) -> float:
+    """Run cell ``index`` to completion; return the seconds from key press to ``[n]:``."""
+    t0 = _start_cell(page, index, timeout)
+    _wait_cell_done(page, index, timeout)
     return time.monotonic() - t0
+
+
+class LabPage:
+    """A notebook open in JupyterLab, as yielded by :func:`open_notebook`.
+
+    Every wait is bounded by what is left of the ``timeout`` given to :func:`open_notebook`.
+    """
+
+    def __init__(self, page, deadline: float, timeout: float, console: list[str]) -> None:
+        self.page = page
+        self.deadline = deadline
+        self.timeout = timeout
+        self.console = console
+        """Browser console messages (warnings and errors only)."""
+        self.scroll_to = None
+        """A locator brought into view before the closing screenshot (default: none)."""
+
+    def left(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"browser run exceeded {self.timeout:.0f}s")
+        return remaining
+
+    def cell(self, index: int):
+        """Playwright locator of cell ``index``."""
+        return _cell(self.page, index)
+
+    def run_cell(self, index: int) -> float:
+        """Run cell ``index`` and wait for it; return the seconds it took."""
+        return _run_cell(self.page, index, self.left())
+
+    def start_cell(self, index: int) -> float:
+        """Start cell ``index`` without waiting for it; return the key press's monotonic time."""
+        return _start_cell(self.page, index, self.left())
+
+    def wait_cell_done(self, index: int) -> None:
+        _wait_cell_done(self.page, index, self.left())
+
+    def output_text(self, index: int, selector: str = ".jp-Cell-outputArea") -> str:
+        """The visible text of cell ``index``'s output (``innerText``, stripped)."""
+        out = self.cell(index).locator(selector)
+        return out.first.inner_text().strip() if out.count() else ""
+
+    def wait_output_length(
+        self, index: int, length: int, selector: str = OUTPUT_WIDGET_SELECTOR
+    ) -> None:
+        """Wait until cell ``index``'s ``selector`` shows at least ``length`` characters."""
+        self.page.wait_for_function(
+            _OUTPUT_LENGTH_JS,
+            arg=[index, selector, length],
+            timeout=self.left() * 1000,
+            polling=50,
+        )
+
+
+_OUTPUT_LENGTH_JS = """
+([cellIndex, selector, length]) => {
+  const c = document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')[cellIndex];
+  const out = c && c.querySelector(selector);
+  return !!out && out.innerText.trim().length >= length;
+}
+"""
+
+
+@contextlib.contextmanager
+def open_notebook(
+    notebook_path: str | os.PathLike[str],
+    *,
+    server: JupyterLabServer,
+    timeout: float = 60.0,
+    screenshot_path: str | os.PathLike[str] | None = None,
+    viewport: tuple[int, int] = (1280, 800),
+    wait_for_cell: int = 0,
+) -> Iterator[LabPage]:
+    """Open ``notebook_path`` in JupyterLab (headless Chromium) and yield a :class:`LabPage`.
+
+    The notebook is copied into the server's root_dir unless already there.  Returns once
+    cell ``wait_for_cell`` is visible and the kernel is idle.  ``timeout`` bounds the whole
+    browser session.  A screenshot is written on exit (default
+    ``test-artifacts/browser.png``), also when the body failed.
+    """
+    from playwright.sync_api import sync_playwright
+
+    notebook_path = Path(notebook_path)
+    screenshot = Path(screenshot_path or ARTIFACTS_DIR / "browser.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert server.root_dir is not None
+    try:
+        rel = notebook_path.resolve().relative_to(server.root_dir.resolve())
+    except ValueError:
+        rel = Path(notebook_path.name)
+        shutil.copy(notebook_path, server.root_dir / rel)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            console: list[str] = []
+            page.on(
+                "console",
+                lambda msg: (
+                    console.append(f"{msg.type}: {msg.text}")
+                    if msg.type in ("error", "warning")
+                    else None
+                ),
+            )
+            page.set_default_timeout(30_000)
+            lab = LabPage(page, time.monotonic() + timeout, timeout, console)
+            try:
+                page.goto(server.notebook_url(rel.as_posix()), timeout=lab.left() * 1000)
+                lab.cell(wait_for_cell).wait_for(state="visible", timeout=lab.left() * 1000)
+                _wait_kernel_idle(page, lab.left())
+                yield lab
+            finally:
+                if lab.scroll_to is not None:
+                    with contextlib.suppress(Exception):
+                        lab.scroll_to.scroll_into_view_if_needed(timeout=2000)
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
 
 
 def run_cell_and_watch(
@@ -435,68 +573,34 @@ def run_cell_and_watch(
     session (page load, kernel start and every cell run).  A screenshot is always
     written (default ``test-artifacts/browser_stream.png``), also when the run fails.
     """
-    from playwright.sync_api import sync_playwright
-
-    notebook_path = Path(notebook_path)
     screenshot = Path(screenshot_path or ARTIFACTS_DIR / "browser_stream.png")
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-
     with contextlib.ExitStack() as stack:
         if server is None:
             server = stack.enter_context(JupyterLabServer())
-        assert server.root_dir is not None
-        try:
-            rel = notebook_path.resolve().relative_to(server.root_dir.resolve())
-        except ValueError:
-            rel = Path(notebook_path.name)
-            shutil.copy(notebook_path, server.root_dir / rel)
-
-        deadline = time.monotonic() + timeout
-
-        def left() -> float:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"browser run exceeded {timeout:.0f}s")
-            return remaining
-
-        pw = stack.enter_context(sync_playwright())
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        stack.callback(browser.close)
-        page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-        console: list[str] = []
-        page.on(
-            "console",
-            lambda msg: (
-                console.append(f"{msg.type}: {msg.text}")
-                if msg.type in ("error", "warning")
-                else None
-            ),
-        )
-        page.set_default_timeout(30_000)
-        try:
-            page.goto(server.notebook_url(rel.as_posix()), timeout=left() * 1000)
-            _cell(page, cell_index).wait_for(state="visible", timeout=left() * 1000)
-            _wait_kernel_idle(page, left())
-            if run_previous:
-                for i in range(cell_index):
-                    _run_cell(page, i, left())
-            page.evaluate(_WATCH_JS, [cell_index, output_selector, poll_ms])
-            execution_s = _run_cell(page, cell_index, left())
-            page.wait_for_timeout(3 * poll_ms)  # let the poller see the final state
-            samples = page.evaluate(
-                "() => { const s = window.__qwenWatch; clearInterval(s.timer); return s.samples; }"
+        lab = stack.enter_context(
+            open_notebook(
+                notebook_path,
+                server=server,
+                timeout=timeout,
+                screenshot_path=screenshot,
+                viewport=viewport,
+                wait_for_cell=cell_index,
             )
-            out = _cell(page, cell_index).locator(output_selector)
-            final_text = out.first.inner_text().strip() if out.count() else ""
-        finally:
-            with contextlib.suppress(Exception):  # long replies: bring the output into view
-                _cell(page, cell_index).locator(output_selector).first.scroll_into_view_if_needed(
-                    timeout=2000
-                )
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(screenshot))
+        )
+        page = lab.page
+        # Long replies: bring the output into view for the screenshot taken on exit.
+        lab.scroll_to = lab.cell(cell_index).locator(output_selector).first
+        if run_previous:
+            for i in range(cell_index):
+                lab.run_cell(i)
+        page.evaluate(_WATCH_JS, [cell_index, output_selector, poll_ms])
+        execution_s = lab.run_cell(cell_index)
+        page.wait_for_timeout(3 * poll_ms)  # let the poller see the final state
+        samples = page.evaluate(
+            "() => { const s = window.__qwenWatch; clearInterval(s.timer); return s.samples; }"
+        )
+        final_text = lab.output_text(cell_index, output_selector)
+        console = lab.console
 
     lengths: list[int] = []
     busy_lengths: list[int] = []

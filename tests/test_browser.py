@@ -1,15 +1,18 @@
-"""Browser test: a cell's ipywidgets.Output must visibly stream in JupyterLab.
+"""Browser tests: a %%qwen reply streams visibly in JupyterLab, and its Stop button works.
 
-Runs a real JupyterLab server and headless Debian Chromium (via playwright), executes a
-cell that rewrites an ``ipywidgets.Output`` several times a second from the cell's own
-thread, and polls the DOM of that cell's output while it runs.  The stand-in cell below
-uses plain ipywidgets; the same helper can run a ``%%qwen`` cell later.
+Runs a real JupyterLab server and headless Debian Chromium (via playwright) with the offline
+demo model.  One test polls the DOM of a ``%%qwen`` cell's output while the reply streams;
+the other clicks the Stop button beside a long reply while it streams, which only works if
+the kernel handles the click's ``comm_msg`` while that very cell is still running.
 
 Needs ``/usr/bin/chromium`` (apt-get install -y chromium) and ``pip install playwright``;
 never ``playwright install``.  Skipped, with the reason, only when one of them is absent.
 """
 
 from __future__ import annotations
+
+import re
+import time
 
 import pytest
 
@@ -18,6 +21,7 @@ try:  # `python -m pytest` from the repo root, or tests/ as a package
         ARTIFACTS_DIR,
         JupyterLabServer,
         missing_requirements,
+        open_notebook,
         run_cell_and_watch,
         write_notebook,
     )
@@ -26,12 +30,18 @@ except ImportError:  # plain `pytest`: rootdir-less "prepend" import puts tests/
         ARTIFACTS_DIR,
         JupyterLabServer,
         missing_requirements,
+        open_notebook,
         run_cell_and_watch,
         write_notebook,
     )
 
 SETUP_CELLS = ["%load_ext qwen_magic", "%qwen_load demo --quiet"]
 QUESTION_CELL = "%%qwen --greedy -n 60\nDescribe Paris in three short sentences for a travel guide."
+LONG_CELL = "%%qwen --greedy -n 400\nWrite a long, detailed history of Paris, century by century."
+FACTS_CELL = (
+    "qm_turn = __import__('qwen_magic').Chat().conversation().turns[-1]\n"
+    "print(f\"FACTS interrupted={qm_turn.interrupted} new_tokens={qm_turn.stats['new_tokens']}\")"
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +83,55 @@ def test_qwen_reply_streams_visibly_in_jupyterlab(lab_server, demo_path):
     assert "Paris" in result.final_text, detail
     assert "tokens/s" in result.final_text, detail
     assert result.screenshot_path.is_file()
+
+
+@pytest.mark.browser
+@pytest.mark.demo
+def test_stop_button_ends_a_long_reply_and_keeps_it(lab_server, demo_path):
+    """Clicking Stop mid-reply ends the cell at once, normally; the partial turn is kept."""
+    notebook = write_notebook(
+        lab_server.root_dir / "browser_stop.ipynb", [*SETUP_CELLS, LONG_CELL, FACTS_CELL]
+    )
+    ask, facts = len(SETUP_CELLS), len(SETUP_CELLS) + 1
+    with open_notebook(
+        notebook,
+        server=lab_server,
+        timeout=300,
+        screenshot_path=ARTIFACTS_DIR / "browser_stop.png",
+    ) as lab:
+        for i in range(ask):
+            lab.run_cell(i)
+        started = lab.start_cell(ask)
+        lab.wait_output_length(ask, 60)  # some of the reply has streamed
+        stop = lab.cell(ask).get_by_role("button", name="Stop")
+        assert stop.is_visible()
+        lab.page.screenshot(path=str(ARTIFACTS_DIR / "browser_stop_streaming.png"))
+        shown_at_click = lab.output_text(ask, ".widget-output").removesuffix("▌").strip()
+        clicked = time.monotonic()
+        stop.click()
+        lab.wait_cell_done(ask)
+        stop_s = time.monotonic() - clicked
+        run_s = time.monotonic() - started
+        final = lab.output_text(ask)
+        buttons_after = lab.cell(ask).get_by_role("button", name="Stop").count()
+        lab.run_cell(facts)
+        printed = lab.output_text(facts)
+        lab.scroll_to = lab.cell(ask)
+    detail = (
+        f"stop took {stop_s:.1f} s (cell {run_s:.1f} s)\nat click={shown_at_click!r}\n"
+        f"final={final!r}\nfacts={printed!r}\nconsole={lab.console[-10:]}"
+    )
+    print(detail)  # shown with -s: how long the stop took, what was on screen
+    # The click was handled while the cell ran: it ended within moments, not after 400 tokens
+    # (about 40 s at the demo's 10 tokens/s on two cores)...
+    assert stop_s < 10, detail
+    # ...normally (no KeyboardInterrupt), showing the partial reply and saying it was stopped...
+    assert "KeyboardInterrupt" not in final and "Traceback" not in final, detail
+    assert final.startswith(shown_at_click[:40]), detail
+    assert "(stopped)" in final and "interrupted" in final, detail
+    assert buttons_after == 0, detail  # the live widgets gave way to plain Markdown
+    # ...and the conversation kept the partial turn, marked interrupted.
+    match = re.search(r"FACTS interrupted=(\w+) new_tokens=(\d+)", printed)
+    assert match, detail
+    assert match[1] == "True", detail
+    assert 0 < int(match[2]) < 400, detail

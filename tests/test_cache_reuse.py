@@ -97,7 +97,7 @@ def test_a_failed_generation_drops_the_cache(tiny, monkeypatch):
         patch.setattr(tiny.model, "generate", broken)
         with pytest.raises(RuntimeError):
             chat.ask("Fail.", options=GREEDY, view=_Quiet())
-    assert tiny.prompt_caches["default"].cache is None
+    assert tiny.prompt_caches[id(chat.conversation())].cache is None
     turn = chat.ask("Recover.", options=GREEDY, view=_Quiet())
     assert turn.stats["cached_prompt_tokens"] == 0
     assert len(chat.conversation()) == 2

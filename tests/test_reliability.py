@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import tracemalloc
 
 import psutil
 import pytest
+from transformers import DynamicCache
 
 from qwen_magic import _state
 from qwen_magic.chat import Chat
@@ -91,6 +93,9 @@ def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     process = psutil.Process()
     threads_before = threading.active_count()
     rss_at: dict[int, int] = {}
+    python_heap_at: dict[int, int] = {}
+    caches_at: dict[int, int] = {}
+    tracemalloc.start()
     for number in range(1, 201):
         turn = chat.ask(
             f"Turn {number}: say something short about the number {number}.",
@@ -101,11 +106,20 @@ def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
         if number in (50, 200):
             gc.collect()
             rss_at[number] = process.memory_info().rss
+            python_heap_at[number] = tracemalloc.get_traced_memory()[0]
+            caches_at[number] = sum(isinstance(o, DynamicCache) for o in gc.get_objects())
+    tracemalloc.stop()
     assert threading.active_count() == threads_before
     assert len(chat.conversation()) == 200
     assert turn.stats["dropped_turns"] > 0  # the tiny model's 2048-token context overflowed
+    # No KV cache is left behind per turn: the conversation keeps one, always the same number.
+    assert caches_at[200] == caches_at[50]
+    assert len(tiny.prompt_caches) == 1
+    heap_growth = python_heap_at[200] - python_heap_at[50]
+    assert heap_growth < 4 * 2**20, f"Python heap grew {heap_growth / 2**20:.1f} MiB"
+    # RSS also moves with the allocator's arenas and other tests' leftovers: a coarse bound.
     growth = rss_at[200] - rss_at[50]
-    assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB over 150 turns"
+    assert growth < 160 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB over 150 turns"
 
 
 def test_a_model_without_chat_template_gets_a_plain_prompt_and_a_notice(tiny, capsys):

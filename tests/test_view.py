@@ -1,4 +1,5 @@
-"""The views: throttled widget redraws, the text fallback, and the widget path in a kernel."""
+"""The views: throttled widget redraws, the text fallback, the Stop button, and the widget path
+in a kernel."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import io
 import sys
 import time
 
-from qwen_magic.chat import Chat
+from qwen_magic.chat import STOPPED_NOTE, Chat
 from qwen_magic.generation import GenerationOptions
-from qwen_magic.view import TextView, WidgetView, in_widget_frontend, make_view
+from qwen_magic.view import CommPump, TextView, WidgetView, in_widget_frontend, make_view
+
+from .kernel import kernel
 
 
 def test_text_view_writes_only_new_text_and_a_footer():
@@ -43,7 +46,8 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     view.finish("One two three.", "4 tokens")
     texts = [outputs[0]["data"]["text/markdown"] if outputs else "" for outputs in seen]
     assert texts == ["One ▌", "One two ▌", "One two three ▌", ""]  # emptied before closing
-    assert shown[0] is view.output
+    assert shown[0] is view.box
+    assert view.box.children == (view.output, view.stop_button)
     assert shown[1].data == "One two three."
     assert "4 tokens" in shown[2].data
 
@@ -52,6 +56,44 @@ def test_auto_view_is_text_outside_a_kernel():
     """Outside a Jupyter kernel, 'auto' picks the text view."""
     assert not in_widget_frontend()
     assert isinstance(make_view("auto"), TextView)
+
+
+def test_no_message_pump_outside_a_kernel(monkeypatch):
+    """Outside a kernel there are no shell messages to handle: no pump, and updates still work."""
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    assert CommPump.attach([]) is None
+    view = WidgetView(redraw_seconds=0.0)
+    view.update("Hello")
+    assert view.redraws == 1
+
+
+def test_stop_button_cancels_generation_and_the_turn_ends_normally(tiny, monkeypatch):
+    """Clicking Stop mid-reply cancels generate; ask() returns normally with a partial turn."""
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, **k: shown.append(obj))
+    view = WidgetView(redraw_seconds=0.0)
+    update = view.update
+    updates = []
+
+    def update_then_click(text: str) -> None:
+        update(text)
+        updates.append(text)
+        if len(updates) == 3:
+            view.stop_button.click()  # what the frontend's click message ends up calling
+
+    view.update = update_then_click
+    turn = Chat().ask(
+        "Tell me a story.",
+        options=GenerationOptions(max_new_tokens=400, do_sample=True, seed=3),
+        view=view,
+    )
+    assert view.stopped and view.stop_button.disabled
+    assert turn.interrupted
+    assert 3 <= turn.stats["new_tokens"] < 50  # stopped soon after the click, far from 400
+    assert turn.assistant.startswith(updates[2])
+    assert shown[1].data == f"{turn.assistant}\n\n{STOPPED_NOTE}"
+    assert "interrupted" in shown[2].data
+    assert Chat().conversation().turns == [turn]
 
 
 def test_chat_streams_into_the_widget_in_several_redraws(tiny, monkeypatch):
@@ -120,6 +162,62 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_stop_click_is_handled_while_the_cell_runs_and_queued_cells_keep_their_order(
+    tiny_model_path,
+):
+    """In a real kernel, a Stop click sent mid-reply ends the cell normally within moments.
+
+    The click is a comm_msg on the shell channel, queued behind the cell that is running; a cell
+    queued before the click must still run after the %%qwen cell, not before it.
+    """
+    with kernel() as k:
+        k.run_ok(KERNEL_CELLS.format(path=tiny_model_path))
+        client = k.client
+        msg_id = client.execute("%%qwen -n 1500 --sample --seed 5\nTell me a story.")
+        button_id = None
+        updates = 0
+        queued_id = clicked = None
+        markdown: list[str] = []
+        started = time.perf_counter()
+        while True:
+            message = client.get_iopub_msg(timeout=120)
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = message["msg_type"], message["content"]
+            if kind == "comm_open" and content["data"]["state"]["_model_name"] == "ButtonModel":
+                button_id = content["comm_id"]
+            elif kind == "comm_msg" and "outputs" in content["data"].get("state", {}):
+                updates += 1
+                if updates == 3:
+                    queued_id = client.execute("qm_order = 'queued cell ran'")
+                    click = {"method": "custom", "content": {"event": "click"}}
+                    client.shell_channel.send(
+                        client.session.msg("comm_msg", {"comm_id": button_id, "data": click})
+                    )
+                    clicked = time.perf_counter()
+            elif kind == "display_data" and "text/markdown" in content["data"]:
+                markdown.append(content["data"]["text/markdown"])
+            elif kind == "error":
+                raise AssertionError("\n".join(content["traceback"]))
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        assert button_id is not None and clicked is not None, updates
+        assert time.perf_counter() - clicked < 5, "the click was not handled while the cell ran"
+        replies = [client.get_shell_msg(timeout=60) for _ in range(2)]
+        assert [r["parent_header"]["msg_id"] for r in replies] == [msg_id, queued_id]
+        assert [r["content"]["status"] for r in replies] == ["ok", "ok"]  # no KeyboardInterrupt
+        counts = [r["content"]["execution_count"] for r in replies]
+        assert counts[1] == counts[0] + 1
+        assert markdown[0].endswith(STOPPED_NOTE)
+        assert "interrupted" in markdown[1]
+        facts = k.value(
+            "(lambda t: (t.interrupted, t.stats['new_tokens'], qm_order))"
+            "(__import__('qwen_magic').Chat().conversation().turns[-1])"
+        )
+        assert facts[0] is True and facts[1] < 1500 and facts[2] == "queued cell ran", facts
+        assert time.perf_counter() - started < 120
 
 
 def _evaluate(client, expression: str) -> str:
