@@ -109,6 +109,15 @@ def default_model_name() -> str:
     return DEFAULT_GPU_MODEL if cuda_available() else "demo"
 
 
+def default_model_reason() -> str:
+    """Why :func:`default_model_name` chose what it chose, in a few words."""
+    if os.environ.get(MODEL_ENV_VAR, "").strip():
+        return f"from ${MODEL_ENV_VAR}"
+    if cuda_available():
+        return "a CUDA GPU is available"
+    return "no CUDA GPU here, so the offline demo model"
+
+
 def cuda_available() -> bool:
     import torch
 

@@ -134,8 +134,14 @@ class QwenMagics(Magics):
         """Load a Qwen2-family chat model, once per kernel."""
         args = parse_argstring(self.qwen_load, line)
         say = (lambda _message: None) if args.quiet else print
+        model = args.model or self.model or None
+        if model is None and loading.current() is None:
+            say(
+                f"No model named: using {loading.default_model_name()} "
+                f"({loading.default_model_reason()})."
+            )
         loaded = loading.load(
-            args.model or self.model or None,
+            model,
             dtype=args.dtype or self.dtype,
             device=args.device or self.device,
             attention=args.attention or self.attention,

@@ -620,6 +620,18 @@ def test_load_without_a_model_uses_the_env_var(fresh_state, tiny_model_path, mon
     assert loaded.spec.model == str(tiny_model_path) and loaded.name == "tiny-qwen2"
 
 
+def test_bare_qwen_load_says_which_model_it_chose_and_why(
+    shell, tiny_model_path, capsys, monkeypatch, no_cuda
+):
+    """A bare %qwen_load names the model it picked and the reason, in one line."""
+    monkeypatch.setenv("QWEN_MAGIC_MODEL", str(tiny_model_path))
+    shell.run_line_magic("qwen_load", "--device cpu")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"No model named: using {tiny_model_path} (from $QWEN_MAGIC_MODEL)."
+    monkeypatch.delenv("QWEN_MAGIC_MODEL")
+    assert "offline demo" in loading.default_model_reason()
+
+
 def test_config_makes_a_bare_qwen_load_load_that_model(
     shell, tiny_model_path, capsys, monkeypatch, no_cuda
 ):
