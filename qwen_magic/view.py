@@ -197,7 +197,11 @@ class WidgetView:
         if stop_button and (self._pump is not None or not in_widget_frontend()):
             children.append(self.stop_button)
         self.box = ipywidgets.HBox(children, layout=ipywidgets.Layout(align_items="flex-start"))
-        display(self.box)
+        # Where widgets do not render (GitHub, nbconvert), the saved output falls back to
+        # text/plain: keep it empty rather than the widgets' long repr; the reply follows anyway.
+        bundle = self.box._repr_mimebundle_()
+        bundle["text/plain"] = ""
+        display(bundle, raw=True)
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (e.g. ``Generation.cancel``) when the Stop button is clicked."""

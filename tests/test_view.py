@@ -39,6 +39,9 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj, **k: shown.append(obj))
     view = WidgetView(redraw_seconds=0.0)
+    widget_view = shown[0]["application/vnd.jupyter.widget-view+json"]
+    assert widget_view["model_id"] == view.box.model_id
+    assert shown[0]["text/plain"] == ""  # no widget repr where widgets do not render
     seen = []
     view.output.observe(lambda change: seen.append(change["new"]), names="outputs")
     for text in ("One", "One two", "One two three"):
@@ -46,7 +49,6 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     view.finish("One two three.", "4 tokens")
     texts = [outputs[0]["data"]["text/markdown"] if outputs else "" for outputs in seen]
     assert texts == ["One ▌", "One two ▌", "One two three ▌", ""]  # emptied before closing
-    assert shown[0] is view.box
     assert view.box.children == (view.output, view.stop_button)
     assert shown[1].data == "One two three."
     assert "4 tokens" in shown[2].data
