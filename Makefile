@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Without a GPU, torch 2.13.0 (a CPU build where one is at hand); with one, the newest CUDA build.
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: install demo-model demo lab test lint format bench browser-deps clean
+# bench-gpu's Python: the .venv's where there is one, else the machine's python3 (a GPU image).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+.PHONY: install demo-model demo lab test lint format bench bench-gpu gpu-wheels browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +54,22 @@ test: install browser-deps demo-model lint  ## unit tests, notebooks (nbval), br
 
 bench: demo-model  ## speed and memory, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py
+
+# No install step: a GPU machine may have no network. Where build/gpu-wheels holds wheels (from
+# `make gpu-wheels`, run where pip can download), they are installed into build/gpu-site first.
+bench-gpu:  ## GPU decode speed on Qwen2-7B's shapes (CUDA only), into BENCHMARKS.md's GPU section
+	@if ls build/gpu-wheels/*.whl >/dev/null 2>&1; then \
+	  echo "installing build/gpu-wheels into build/gpu-site"; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+	    --target build/gpu-site build/gpu-wheels/*.whl; \
+	fi
+	PYTHONPATH=build/gpu-site$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) benchmarks/gpu.py
+
+gpu-wheels: install  ## the transformers wheel the tests use, for a GPU machine that cannot download
+	rm -rf build/gpu-wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d build/gpu-wheels \
+	  "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
 
 clean:
 	rm -rf $(VENV) build test-artifacts .pytest_cache .ruff_cache

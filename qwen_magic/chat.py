@@ -15,6 +15,11 @@ interrupted (Ctrl-C, the kernel's stop button), the partial reply is recorded an
 then the interrupt goes on to stop the rest of the notebook run. The widget's own Stop button
 cancels the generation instead: the partial reply is recorded and marked interrupted just the
 same, but the cell ends normally and the notebook run goes on.
+
+In fast mode (``GenerationOptions(fast=True)``) the reply decodes into the model's one static KV
+cache (see :mod:`qwen_magic.generation`), whose size is then the context the conversation is
+fitted into: the oldest turns are left out sooner. With ``reuse_cache`` the static cache keeps
+the prompt prefix across turns just as the per-conversation caches do.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from typing import Any
 
 from . import _state, loading
 from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
-from .generation import Generation, GenerationOptions, PromptCache, count_prompt_tokens
+from .generation import (
+    Generation,
+    GenerationOptions,
+    PromptCache,
+    count_prompt_tokens,
+    fast_cache_tokens,
+)
 from .view import TextView, WidgetView, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
@@ -93,14 +104,24 @@ class Chat:
                 f"Note: {model.name} has no chat template; using a plain 'User:/Assistant:' prompt."
             )
         chat = self.conversation(conversation)
-        messages, dropped = chat.fit(
-            message,
-            lambda rendered: count_prompt_tokens(model, rendered),
-            context_length=model.context_length,
-            max_new_tokens=options.max_new_tokens,
-            cell_id=cell_id,
-            system_prompt=system_prompt,
-        )
+        # Fast mode's static cache is the context: the prompt and the reply must fit in it.
+        context = fast_cache_tokens(model, options) if options.fast else model.context_length
+        try:
+            messages, dropped = chat.fit(
+                message,
+                lambda rendered: count_prompt_tokens(model, rendered),
+                context_length=context,
+                max_new_tokens=options.max_new_tokens,
+                cell_id=cell_id,
+                system_prompt=system_prompt,
+            )
+        except UsageError as error:
+            if not options.fast or context == model.context_length:
+                raise
+            raise UsageError(
+                f"{error} (--fast holds {context} tokens in its static cache; raise "
+                "QwenMagics.fast_cache_tokens or leave out --fast.)"
+            ) from error
         generation = Generation(model, messages, options, self._prompt_cache(model, chat))
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):

@@ -16,6 +16,16 @@
   last reply left behind, with the token ids it covers. The next prompt is compared token by
   token; the cache is cropped to the longest common prefix and only the rest is prefilled. A
   replaced, popped or trimmed turn simply shortens the common prefix, so nothing stale is used.
+* Fast mode (``GenerationOptions(fast=True)``, ``%%qwen --fast``) decodes into a
+  :class:`StaticCacheSlot`: one ``StaticCache`` per loaded model, allocated once at a fixed size
+  (``fast_cache_tokens``, at most the model's context) and cropped in place between replies,
+  never reallocated. A static cache is what makes ``generate`` compile the decoding step with
+  ``torch.compile`` on CUDA (transformers' auto-compile; CUDA graphs included), and a cache of
+  one size and one address means the compiled step is built on the first reply and reused by
+  every later one. The slot reuses its prompt prefix across turns like :class:`PromptCache`
+  (cropping a static cache is as cheap), and its generate calls all run on one long-lived
+  thread, because torch keeps the CUDA graphs it records per thread (torch 2.13's
+  ``cudagraph_trees``). On CPU nothing is compiled and the replies are the same as without it.
 
 :class:`GenerationOptions` holds the sampling knobs; ``None`` means "the model's own
 ``generation_config``", so Qwen's recommended sampling applies unless you override it.
@@ -27,6 +37,7 @@ import functools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +48,9 @@ from .loading import LoadedModel
 
 #: Held while a generation runs: two ``generate`` calls never share a model.
 _generation_lock = threading.Lock()
+
+#: Fast mode's static cache size unless set otherwise (and never above the model's context).
+DEFAULT_FAST_CACHE_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class GenerationOptions:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    #: Decode into the model's static KV cache, compiled with ``torch.compile`` on CUDA.
+    fast: bool = False
+    #: Fast mode's static cache size in tokens (prompt + reply), capped at the model's context.
+    fast_cache_tokens: int = DEFAULT_FAST_CACHE_TOKENS
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -63,6 +81,10 @@ class GenerationOptions:
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise UsageError(
                 f"--repetition-penalty must be above 0 (got {self.repetition_penalty})."
+            )
+        if self.fast_cache_tokens < 2:
+            raise UsageError(
+                f"QwenMagics.fast_cache_tokens must be at least 2 (got {self.fast_cache_tokens})."
             )
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -89,7 +111,10 @@ class GenerationOptions:
         return kwargs
 
     def as_record(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        record = {key: value for key, value in asdict(self).items() if value is not None}
+        if not self.fast:  # the usual mode leaves no trace in saved turns
+            del record["fast"], record["fast_cache_tokens"]
+        return record
 
 
 @dataclass
@@ -109,12 +134,7 @@ class PromptCache:
         self.cache, self.token_ids = None, []
         if cache is None or cache.get_seq_length() != len(covered):
             return None, 0
-        shared = 0
-        for cached, new in zip(covered, prompt_ids, strict=False):
-            if cached != new:
-                break
-            shared += 1
-        keep = min(shared, len(prompt_ids) - 1)
+        keep = min(_shared_prefix(covered, prompt_ids), len(prompt_ids) - 1)
         if keep <= 0:
             return None, 0
         if (remove := len(covered) - keep) > 0:
@@ -129,6 +149,116 @@ class PromptCache:
 
     def clear(self) -> None:
         self.cache, self.token_ids = None, []
+
+
+def fast_cache_tokens(loaded: LoadedModel, options: GenerationOptions) -> int:
+    """How many tokens (prompt + reply) fast mode's static cache holds for ``loaded``."""
+    return min(loaded.context_length, options.fast_cache_tokens)
+
+
+@dataclass
+class StaticCacheSlot:
+    """Fast mode's one ``StaticCache`` for a model, and the token ids whose keys it holds.
+
+    The cache is allocated once and only ever cropped in place (its tensors keep their addresses,
+    which compiled CUDA graphs depend on). :meth:`take` keeps the prefix the next prompt shares
+    with what the cache holds, whichever conversation put it there: equal tokens before a
+    position mean equal keys and values there. ``token_ids`` is emptied while a reply is being
+    generated, so after a failure the next :meth:`take` resets the cache instead of trusting it.
+    """
+
+    cache: Any
+    max_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+    def take(self, prompt_ids: list[int], *, reuse: bool = True) -> int:
+        """Crop the cache to what it shares with ``prompt_ids`` (none unless ``reuse``); return
+        how many prompt tokens it still covers. At least one prompt token is left to prefill."""
+        import torch
+
+        held, self.token_ids = self.token_ids, []
+        length = int(self.cache.get_seq_length())
+        keep = 0
+        if reuse and length == len(held):
+            keep = min(_shared_prefix(held, prompt_ids), len(prompt_ids) - 1)
+        with torch.inference_mode():  # the cache's tensors were made in inference mode
+            if length != len(held):
+                self.cache.reset()  # unknown contents (a failed reply): start clean
+            elif length > keep:
+                self.cache.crop(keep - length)  # a negative count removes that many tokens
+        return keep
+
+    def keep(self, sequence: list[int]) -> None:
+        """Note what the cache holds after a generation that produced ``sequence``."""
+        covered = sequence[:-1]  # the last token's keys and values are never computed
+        if int(self.cache.get_seq_length()) == len(covered):
+            self.token_ids = covered
+
+
+#: Each model's fast-mode slot, keyed by the torch model: freed together with the model.
+_static_slots: weakref.WeakKeyDictionary[Any, StaticCacheSlot] = weakref.WeakKeyDictionary()
+
+
+def static_cache_slot(loaded: LoadedModel, options: GenerationOptions) -> StaticCacheSlot:
+    """The model's fast-mode slot, made on first use; a new size replaces it (and recompiles)."""
+    from transformers import StaticCache
+
+    size = fast_cache_tokens(loaded, options)
+    slot = _static_slots.get(loaded.model)
+    if slot is None or slot.max_tokens != size:
+        _static_slots.pop(loaded.model, None)  # free the old cache before making the new one
+        cache = StaticCache(config=loaded.model.config, max_cache_len=size)
+        slot = _static_slots[loaded.model] = StaticCacheSlot(cache, size)
+    return slot
+
+
+def _shared_prefix(first: list[int], second: list[int]) -> int:
+    shared = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared
+
+
+class _LongLivedWorker:
+    """One daemon thread that runs fast mode's ``generate`` calls, one after another.
+
+    CUDA graphs recorded by ``torch.compile(mode="reduce-overhead")`` live in a per-thread tree
+    manager: a new thread per reply would record them again on every turn.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None], done: threading.Event) -> None:
+        """Run ``job`` on the worker thread; ``done`` is set once it ended."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="qwen_magic-fast", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put((job, done))
+
+    def _loop(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                job()  # jobs catch their own errors (Generation._work)
+            finally:
+                # Drop the job (and any tensors it holds) before saying it ended: once the
+                # caller returns, the interpreter may exit, and a daemon thread must not be
+                # freeing torch objects then (that aborts the process).
+                del job
+                done.set()
+
+
+_fast_worker = _LongLivedWorker()
 
 
 @dataclass
@@ -191,6 +321,8 @@ class Generation:
     loaded: LoadedModel
     messages: list[dict[str, str]]
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    #: The conversation's cache to reuse and refill. In fast mode the model's static cache is
+    #: used instead, and a prompt cache given here only means "reuse the shared prefix".
     prompt_cache: PromptCache | None = None
     poll_seconds: float = 0.05
     #: Called on the reading thread while it waits for tokens (e.g. to handle a Stop click).
@@ -202,6 +334,7 @@ class Generation:
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()
         self._sequence: list[int] | None = None
         self._started = 0.0
 
@@ -240,7 +373,21 @@ class Generation:
         prompt_ids = inputs["input_ids"][0].tolist()
         self.stats.prompt_tokens = len(prompt_ids)
         cache_kwargs: dict[str, Any] = {}
-        if self.prompt_cache is not None:
+        slot: StaticCacheSlot | None = None
+        if self.options.fast:
+            slot = static_cache_slot(self.loaded, self.options)
+            if len(prompt_ids) + self.options.max_new_tokens > slot.max_tokens:
+                raise UsageError(
+                    f"--fast: the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
+                    f"({self.options.max_new_tokens}) do not fit the {slot.max_tokens}-token "
+                    "static cache. Lower --max-new-tokens, start a shorter conversation, raise "
+                    "QwenMagics.fast_cache_tokens, or leave out --fast."
+                )
+            # Reuse the cached prefix where the caller keeps caches (Chat's reuse_cache).
+            reused = slot.take(prompt_ids, reuse=self.prompt_cache is not None)
+            cache_kwargs[_cache_argument()] = slot.cache
+            self.stats.cached_prompt_tokens = reused
+        elif self.prompt_cache is not None:
             cache, reused = self.prompt_cache.take(prompt_ids)
             cache_kwargs[_cache_argument()] = (
                 cache if cache is not None else _new_cache(self.loaded)
@@ -259,17 +406,23 @@ class Generation:
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([StopOnCancel()]),
         }
-        self._thread = threading.Thread(
-            target=self._work, args=(kwargs, streamer), name="qwen_magic-generate", daemon=True
-        )
-        self._thread.start()
+        if slot is not None:
+            _fast_worker.submit(functools.partial(self._work, kwargs, streamer), self._done)
+        else:
+            self._thread = threading.Thread(
+                target=self._work_then_done,
+                args=(kwargs, streamer),
+                name="qwen_magic-generate",
+                daemon=True,
+            )
+            self._thread.start()
         try:
             while True:
                 try:
                     chunk = streamer.text_queue.get(timeout=self.poll_seconds)
                 except queue.Empty:
-                    if not self._thread.is_alive() and streamer.text_queue.empty():
-                        break  # the worker died without ending the stream
+                    if self._done.is_set() and streamer.text_queue.empty():
+                        break  # the worker ended without ending the stream
                     if self.on_wait is not None:
                         self.on_wait()
                     continue
@@ -281,12 +434,18 @@ class Generation:
             self.cancel()
             raise
         finally:
-            self._thread.join()
+            self._done.wait()
+            if self._thread is not None:
+                self._thread.join()
             self.stats.total_seconds = time.perf_counter() - self._started
             self.stats.interrupted = self.cancelled
         if self.error is not None:
             raise _explain(self.error) from self.error
-        if self.prompt_cache is not None and self._sequence is not None:
+        if self._sequence is None:
+            return
+        if slot is not None:
+            slot.keep(self._sequence)
+        elif self.prompt_cache is not None:
             self.prompt_cache.keep(cache_kwargs[_cache_argument()], self._sequence)
 
     def _on_tokens(self, count: int) -> None:
@@ -304,6 +463,12 @@ class Generation:
         except BaseException as error:  # re-raised on the caller's thread
             self.error = error
             streamer.text_queue.put(streamer.stop_signal)
+
+    def _work_then_done(self, kwargs: dict[str, Any], streamer: Any) -> None:
+        try:
+            self._work(kwargs, streamer)
+        finally:
+            self._done.set()
 
     def run(self) -> str:
         """Generate without streaming; return the full reply."""

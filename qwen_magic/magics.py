@@ -80,6 +80,16 @@ class QwenMagics(Magics):
     reuse_cache = Bool(
         True, help="Keep each conversation's KV cache so a follow-up prefills only new tokens."
     ).tag(config=True)
+    fast = Bool(
+        False,
+        help="Fast mode for every %%qwen cell (as --fast): a static KV cache, and the decoding "
+        "step compiled with torch.compile on CUDA.",
+    ).tag(config=True)
+    fast_cache_tokens = CInt(
+        4096,
+        help="Fast mode's static cache size in tokens (prompt + reply), at most the model's "
+        "context; allocated once per model, so changing it recompiles.",
+    ).tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)
@@ -179,6 +189,12 @@ class QwenMagics(Magics):
         help="Replace $name and ${name} with Python variables; braces {} stay as written.",
     )
     @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @argument(
+        "--fast",
+        action="store_true",
+        help="Decode into a static KV cache, compiled with torch.compile on CUDA: faster "
+        "decoding after a slow first reply (compiling). Context: QwenMagics.fast_cache_tokens.",
+    )
     @cell_magic
     def qwen(self, line: str, cell: str) -> None:
         """Send the cell to the model; the reply streams below and joins the conversation."""
@@ -228,6 +244,8 @@ class QwenMagics(Magics):
             top_k=pick(args.top_k, self.top_k),
             repetition_penalty=pick(args.repetition_penalty, self.repetition_penalty),
             seed=args.seed,
+            fast=args.fast or self.fast,
+            fast_cache_tokens=self.fast_cache_tokens,
         )
 
     def _interpolate(self, message: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -206,3 +207,186 @@ def test_plain_prompt_for_models_without_a_chat_template():
     text = plain_prompt(MESSAGES)
     assert text.startswith("System: You are a helpful assistant.")
     assert text.endswith("User: Tell me a story.\n\nAssistant:")
+
+
+# -- fast mode: a static KV cache (compiled with torch.compile on CUDA; not on this CPU) -------
+
+GREEDY_FAST = GenerationOptions(max_new_tokens=16, do_sample=False, fast=True)
+
+
+class _Quiet:
+    def update(self, text: str) -> None:
+        pass
+
+    def finish(self, text: str, footer: str) -> None:
+        pass
+
+
+def spy_on_generate(model, monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every model.generate call."""
+    calls: list[dict] = []
+    real = model.model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(model.model, "generate", spy)
+    return calls
+
+
+def test_fast_mode_gives_the_same_text(tiny):
+    """--fast changes the cache, not the reply: greedy and seeded samples are identical."""
+    greedy = GenerationOptions(max_new_tokens=16, do_sample=False)
+    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() == Generation(tiny, MESSAGES, greedy).run()
+    for seed in (1, 2):
+        plain = Generation(tiny, MESSAGES, GenerationOptions(24, do_sample=True, seed=seed)).run()
+        fast = GenerationOptions(24, do_sample=True, seed=seed, fast=True)
+        assert Generation(tiny, MESSAGES, fast).run() == plain
+
+
+def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
+    """generate receives a StaticCache sized min(context, fast_cache_tokens); no other mode."""
+    from transformers import StaticCache
+
+    from qwen_magic.generation import _cache_argument
+
+    calls = spy_on_generate(tiny, monkeypatch)
+    Generation(tiny, MESSAGES, GREEDY_FAST).run()
+    cache = calls[-1][_cache_argument()]
+    assert isinstance(cache, StaticCache)
+    assert cache.get_max_length() == min(tiny.context_length, GREEDY_FAST.fast_cache_tokens)
+    assert "cache_implementation" not in calls[-1]  # the cache object itself says static
+    Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=4)).run()
+    assert _cache_argument() not in calls[-1]  # without a prompt cache: generate's own
+
+
+def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
+    """A second reply gets the same StaticCache object, with the same tensors (no reallocation,
+    so nothing to recompile), and the reply runs on the one long-lived fast-mode thread."""
+    from qwen_magic.generation import _cache_argument
+
+    calls = spy_on_generate(tiny, monkeypatch)
+    Generation(tiny, MESSAGES, GREEDY_FAST).run()
+    first = calls[-1][_cache_argument()]
+    addresses = [layer.keys.data_ptr() for layer in first.layers]
+    other = [{"role": "user", "content": "Something else entirely."}]
+    Generation(tiny, other, GREEDY_FAST).run()
+    assert calls[-1][_cache_argument()] is first
+    assert [layer.keys.data_ptr() for layer in first.layers] == addresses
+    assert not worker_threads()  # no per-reply thread is left behind
+    fast_threads = [t for t in threading.enumerate() if t.name == "qwen_magic-fast"]
+    assert len(fast_threads) == 1 and fast_threads[0].daemon
+
+
+def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
+    """In a chat, --fast prefills only the new tokens of a follow-up, and says the same."""
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+
+    questions = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
+    replies = {}
+    for fast in (False, True):
+        chat = Chat(tiny, ConversationBook())
+        options = GenerationOptions(max_new_tokens=10, do_sample=True, seed=3, fast=fast)
+        turns = [chat.ask(q, options=options, view=_Quiet()) for q in questions]
+        replies[fast] = [turn.assistant for turn in turns]
+        if fast:
+            assert turns[-1].options["fast"] is True
+            for earlier, turn in itertools.pairwise(turns):
+                assert turn.stats["cached_prompt_tokens"] >= earlier.stats["prompt_tokens"] - 1
+    assert replies[True] == replies[False]
+
+
+def test_fast_mode_without_reuse_prefills_everything(tiny):
+    """Without a prompt cache (reuse_cache off), the static cache is emptied before each reply."""
+    first = Generation(tiny, MESSAGES, GREEDY_FAST)
+    first.run()
+    again = Generation(tiny, MESSAGES, GREEDY_FAST)
+    assert again.run() == first.text
+    assert again.stats.cached_prompt_tokens == 0
+
+
+def test_a_prompt_too_long_for_the_static_cache_is_a_usage_error(tiny):
+    """Prompt + --max-new-tokens beyond the static cache is refused up front, model intact."""
+    small = GenerationOptions(max_new_tokens=8, fast=True, fast_cache_tokens=16)
+    with pytest.raises(UsageError, match="16-token static"):
+        Generation(tiny, MESSAGES, small).run()
+    assert not worker_threads()
+    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() is not None
+
+
+def test_fast_mode_chat_fits_the_conversation_into_the_static_cache(tiny):
+    """A chat in fast mode leaves out the oldest turns to fit the static cache, and refuses a
+    message that cannot fit at all, saying how to make room."""
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+
+    chat = Chat(tiny, ConversationBook())
+    options = GenerationOptions(max_new_tokens=8, do_sample=False, fast=True, fast_cache_tokens=80)
+    for number in range(6):
+        turn = chat.ask(f"Question number {number}.", options=options, view=_Quiet())
+        assert turn.stats["prompt_tokens"] + 8 <= 80
+    assert turn.stats["dropped_turns"] > 0
+    with pytest.raises(UsageError, match="fast_cache_tokens"):
+        chat.ask("word " * 100, options=options, view=_Quiet())
+    assert len(chat.conversation()) == 6
+
+
+def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
+    """After generate fails midway, the next fast reply starts from an empty cache."""
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+
+    chat = Chat(tiny, ConversationBook())
+    expected = chat.ask("Hello.", options=GREEDY_FAST, view=_Quiet()).assistant
+    real = tiny.model.generate
+
+    def fails_after_prefill(**kwargs):
+        real(**{**kwargs, "max_new_tokens": 2})  # fills the static cache partly
+        raise RuntimeError("late failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny.model, "generate", fails_after_prefill)
+        with pytest.raises(RuntimeError):
+            chat.ask("Fail.", options=GREEDY_FAST, view=_Quiet())
+    fresh = Chat(tiny, ConversationBook()).ask("Hello.", options=GREEDY_FAST, view=_Quiet())
+    assert fresh.stats["cached_prompt_tokens"] == 0
+    assert fresh.assistant == expected
+
+
+def test_cancel_in_fast_mode_keeps_the_partial_text(tiny):
+    """Cancelling a fast reply stops it within a step; the next reply still works."""
+    generation = Generation(
+        tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True, fast=True)
+    )
+    for chunk in generation:
+        if chunk:
+            generation.cancel()
+    assert generation.stats.interrupted and generation.text
+    assert generation.stats.new_tokens < 400
+    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() is not None
+
+
+def test_fast_mode_is_recorded_only_when_on():
+    """Saved turns mention fast mode only when it was used."""
+    assert "fast" not in GenerationOptions().as_record()
+    assert GenerationOptions(fast=True).as_record()["fast"] is True
+    with pytest.raises(UsageError, match="fast_cache_tokens"):
+        GenerationOptions(fast=True, fast_cache_tokens=1)
+
+
+def test_the_static_cache_is_freed_with_its_model(fresh_state, tiny_model_path):
+    """Releasing the model (a new %qwen_load) frees fast mode's static cache too."""
+    import gc
+    import weakref
+
+    from qwen_magic import generation, loading
+
+    loaded = loading.load(str(tiny_model_path), device="cpu", progress=None)
+    Generation(loaded, MESSAGES, GREEDY_FAST).run()
+    cache = weakref.ref(generation._static_slots[loaded.model].cache)
+    del loaded
+    loading.release()
+    gc.collect()
+    assert cache() is None

@@ -243,3 +243,26 @@ def test_demo_answers_in_chinese_without_broken_characters(shell, demo):
     assert re.search(r"[\u4e00-\u9fff]", reply)
     assert "\ufffd" not in reply
     assert "北京" in reply
+
+
+def test_fast_reaches_generate_as_a_static_cache(shell, tiny, monkeypatch):
+    """--fast (or %config QwenMagics.fast) makes generate decode into a StaticCache."""
+    from transformers import StaticCache
+
+    from qwen_magic.generation import _cache_argument
+
+    seen = []
+    real = tiny.model.generate
+    monkeypatch.setattr(tiny.model, "generate", lambda **kw: seen.append(kw) or real(**kw))
+    ask(shell, "hi")
+    assert not isinstance(seen[-1].get(_cache_argument()), StaticCache)
+    ask(shell, "hi again", f"{FAST} --fast")
+    assert isinstance(seen[-1][_cache_argument()], StaticCache)
+    assert turns()[-1].options["fast"] is True
+    shell.run_line_magic("config", "QwenMagics.fast = True")
+    try:
+        ask(shell, "and again")
+    finally:
+        shell.run_line_magic("config", "QwenMagics.fast = False")
+    assert isinstance(seen[-1][_cache_argument()], StaticCache)
+    assert "--fast" in shell.find_cell_magic("qwen").__doc__
