@@ -37,7 +37,10 @@ def run_notebook(path: str, out: str | None) -> int:
     print(f"Running {source} in a headless Jupyter kernel…", flush=True)
     started = time.perf_counter()
     NotebookClient(
-        notebook, timeout=900, resources={"metadata": {"path": str(source.parent)}}
+        notebook,
+        timeout=900,
+        resources={"metadata": {"path": str(source.parent)}},
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no kernel start-up chatter
     ).execute()
     for cell in notebook.cells:
         if cell.cell_type != "code" or not cell.source.lstrip().startswith("%%qwen"):
