@@ -135,3 +135,41 @@ def test_stop_button_ends_a_long_reply_and_keeps_it(lab_server, demo_path):
     assert match, detail
     assert match[1] == "True", detail
     assert 0 < int(match[2]) < 400, detail
+
+
+FOLLOW_UP_CELLS = [
+    "%%qwen --greedy -n 30\nWhat is the capital of France? Answer in one short sentence.",
+    "%%qwen --greedy -n 30\nAnd of Germany? Answer the same way.",
+    "qm_turns = __import__('qwen_magic').Chat().conversation().turns\n"
+    "print('TURNS', [turn.user.split('?')[0] for turn in qm_turns])",
+]
+
+
+@pytest.mark.browser
+@pytest.mark.demo
+def test_follow_up_and_rerun_in_jupyterlab(lab_server, demo_path):
+    """In JupyterLab a follow-up cell uses the earlier turn, and re-running a cell replaces it."""
+    notebook = write_notebook(
+        lab_server.root_dir / "browser_follow_up.ipynb", [*SETUP_CELLS, *FOLLOW_UP_CELLS]
+    )
+    first, follow_up, facts = (len(SETUP_CELLS) + i for i in range(3))
+    with open_notebook(
+        notebook,
+        server=lab_server,
+        timeout=300,
+        screenshot_path=ARTIFACTS_DIR / "browser_follow_up.png",
+    ) as lab:
+        for i in range(first):
+            lab.run_cell(i)
+        lab.run_cell(first)
+        lab.run_cell(follow_up)
+        answer = lab.output_text(follow_up)
+        lab.run_cell(facts)
+        before = lab.output_text(facts)
+        lab.run_cell(first)  # JupyterLab sends the same cell id: the turn is replaced
+        lab.run_cell(facts)
+        after = lab.output_text(facts)
+    detail = f"answer={answer!r}\nbefore={before!r}\nafter={after!r}\nconsole={lab.console[-10:]}"
+    assert "Berlin" in answer, detail  # "And of Germany?" only makes sense with the first turn
+    assert "TURNS ['What is the capital of France', 'And of Germany']" in before, detail
+    assert "TURNS ['What is the capital of France']" in after, detail
