@@ -126,7 +126,7 @@ class Chat:
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):
             shown = make_view(view)
-        elif isinstance(view, (TextView, WidgetView)) or hasattr(view, "update"):
+        elif hasattr(view, "update"):  # a view object (TextView, WidgetView or your own)
             shown = view
         else:
             shown = view()

@@ -44,7 +44,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .loading import LoadedModel
+from .loading import LoadedModel, free_memory, is_out_of_memory
 
 #: Held while a generation runs: two ``generate`` calls never share a model.
 _generation_lock = threading.Lock()
@@ -497,28 +497,25 @@ def _new_cache(loaded: LoadedModel) -> Any:
         return DynamicCache()
 
 
+def _encode(tokenizer: Any, messages: list[dict[str, str]], return_tensors: str | None) -> Any:
+    """``messages`` rendered for the model (its chat template, else a plain transcript)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors=return_tensors, return_dict=True
+        )
+    return tokenizer(plain_prompt(messages), return_tensors=return_tensors)
+
+
 def prompt_inputs(loaded: LoadedModel, messages: list[dict[str, str]]) -> dict[str, Any]:
     """Tokenize ``messages`` with the model's chat template, ready for ``generate``."""
-    tokenizer = loaded.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        encoded = tokenizer(plain_prompt(messages), return_tensors="pt")
+    encoded = _encode(loaded.tokenizer, messages, return_tensors="pt")
     device = loaded.device
     return {key: value.to(device) for key, value in encoded.items()}
 
 
 def count_prompt_tokens(loaded: LoadedModel, messages: list[dict[str, str]]) -> int:
     """How many tokens ``messages`` take once rendered for the model."""
-    tokenizer = loaded.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return len(ids)
-    return len(tokenizer(plain_prompt(messages))["input_ids"])
+    return len(_encode(loaded.tokenizer, messages, return_tensors=None)["input_ids"])
 
 
 def plain_prompt(messages: list[dict[str, str]]) -> str:
@@ -528,14 +525,11 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
 
 
 def _explain(error: BaseException) -> BaseException:
-    """Turn a CUDA out-of-memory into a ``UsageError`` that says what to lower."""
-    import torch
-
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    """Turn running out of memory into a ``UsageError`` that says what to lower."""
+    if is_out_of_memory(error):
+        free_memory()
         return UsageError(
-            "Out of GPU memory while generating; the reply was not recorded. Lower "
+            "Out of memory while generating; the reply was not recorded. Lower "
             "--max-new-tokens, start a shorter conversation (%qwen_reset), or load a smaller "
             "model or dtype."
         )

@@ -141,15 +141,17 @@ def release() -> bool:
     if _state.loaded_model is None:
         return False
     _state.loaded_model = None
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    free_memory()
     return True
+
+
+def free_memory() -> None:
+    """Collect unreachable tensors and hand CUDA's cached blocks back to the device."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load(
@@ -412,7 +414,8 @@ def _available_memory_bytes(on_cuda: bool) -> int:
     return int(free)
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the ways torch and Python report running out of GPU or CPU memory."""
     import torch
 
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
@@ -450,9 +453,9 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
             **common,
         )
     except Exception as error:
-        if _is_out_of_memory(error):
-            release()
-            gc.collect()
+        if is_out_of_memory(error):
+            # The old model went before loading began; what is left is the partial new one.
+            free_memory()
             raise UsageError(
                 f"Out of memory while loading {plan.name} ({spec.dtype} on {spec.device}); the "
                 "previous model was released. Try --dtype bfloat16, a smaller model, or "

@@ -335,8 +335,8 @@ class QwenMagics(Magics):
         from . import _state
 
         _state.conversations = book
-        for loaded in filter(None, [loading.current()]):
-            loaded.prompt_caches.clear()
+        if (loaded := loading.current()) is not None:
+            loaded.prompt_caches.clear()  # the old conversations' caches can no longer be used
         print(f"Restored {persistence.summary(book)} from {path}.")
 
     @magic_arguments()

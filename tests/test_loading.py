@@ -484,8 +484,8 @@ def test_out_of_memory_is_recognised_in_its_forms(error, is_oom):
     """torch's OOM, MemoryError and the CPU allocator's RuntimeError count as out of memory."""
     import torch
 
-    assert loading._is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert loading._is_out_of_memory(error) is is_oom
+    assert loading.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert loading.is_out_of_memory(error) is is_oom
 
 
 def test_other_errors_from_from_pretrained_are_not_disguised(
