@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qwen_magic.persistence import write_atomic  # noqa: E402
+from tests.helpers import QuietView  # noqa: E402
 from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
 
 PROMPT = "Write a short paragraph about why unit tests matter."
@@ -243,13 +244,6 @@ def bench_turns(loaded) -> dict:
 
     print("multi-turn: 8 turns with and without cache reuse…", flush=True)
 
-    class Quiet:
-        def update(self, text):
-            pass
-
-        def finish(self, text, footer):
-            pass
-
     options = GenerationOptions(max_new_tokens=32, do_sample=False)
     results: dict[str, list[list[float]]] = {"reuse": [], "no reuse": []}
     replies: dict[str, list[str]] = {}
@@ -257,7 +251,7 @@ def bench_turns(loaded) -> dict:
         for label, reuse in (("reuse", True), ("no reuse", False)):
             loaded.prompt_caches.clear()  # turn 1 must start cold in both columns
             chat = Chat(loaded, ConversationBook(), reuse_cache=reuse)
-            turns = [chat.ask(q, options=options, view=Quiet()) for q in TURN_QUESTIONS]
+            turns = [chat.ask(q, options=options, view=QuietView()) for q in TURN_QUESTIONS]
             results[label].append([t.stats["first_token_seconds"] for t in turns])
             replies[label] = [t.assistant for t in turns]
             prompt_tokens = [t.stats["prompt_tokens"] for t in turns]

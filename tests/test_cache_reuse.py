@@ -17,21 +17,15 @@ from qwen_magic.generation import (
     prompt_inputs,
 )
 
+from .helpers import QuietView
+
 GREEDY = GenerationOptions(max_new_tokens=12, do_sample=False)
 QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?", "Why?"]
 
 
 def chat_through(model, reuse: bool, questions=QUESTIONS, options=GREEDY):
     chat = Chat(model, ConversationBook(), reuse_cache=reuse)
-    return chat, [chat.ask(q, options=options, view=_Quiet()) for q in questions]
-
-
-class _Quiet:
-    def update(self, text: str) -> None:
-        pass
-
-    def finish(self, text: str, footer: str) -> None:
-        pass
+    return chat, [chat.ask(q, options=options, view=QuietView()) for q in questions]
 
 
 def test_follow_ups_prefill_only_new_tokens(tiny):
@@ -79,10 +73,10 @@ def test_popped_and_replaced_turns_invalidate_the_cached_part(tiny):
     chat, turns = chat_through(tiny, reuse=True, questions=QUESTIONS[:3])
     chat.conversation().pop()
     chat.conversation().pop()
-    after_pop = chat.ask("Something else.", options=GREEDY, view=_Quiet())
+    after_pop = chat.ask("Something else.", options=GREEDY, view=QuietView())
     assert after_pop.stats["cached_prompt_tokens"] < turns[1].stats["prompt_tokens"]
     fresh_chat, _ = chat_through(tiny, reuse=False, questions=QUESTIONS[:1])
-    fresh = fresh_chat.ask("Something else.", options=GREEDY, view=_Quiet())
+    fresh = fresh_chat.ask("Something else.", options=GREEDY, view=QuietView())
     assert after_pop.assistant == fresh.assistant
 
 
@@ -96,9 +90,9 @@ def test_a_failed_generation_drops_the_cache(tiny, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tiny.model, "generate", broken)
         with pytest.raises(RuntimeError):
-            chat.ask("Fail.", options=GREEDY, view=_Quiet())
+            chat.ask("Fail.", options=GREEDY, view=QuietView())
     assert tiny.prompt_caches[id(chat.conversation())].cache is None
-    turn = chat.ask("Recover.", options=GREEDY, view=_Quiet())
+    turn = chat.ask("Recover.", options=GREEDY, view=QuietView())
     assert turn.stats["cached_prompt_tokens"] == 0
     assert len(chat.conversation()) == 2
 

@@ -17,6 +17,8 @@ from qwen_magic.generation import (
     plain_prompt,
 )
 
+from .helpers import QuietView, spy_on_generate
+
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Tell me a story."},
@@ -68,14 +70,7 @@ def test_same_seed_gives_the_same_sample(tiny):
 
 def test_options_reach_generate(tiny, monkeypatch):
     """Every option set is passed to model.generate, with the streamer and stopping criteria."""
-    seen = {}
-    real = tiny.model.generate
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(tiny.model, "generate", spy)
+    calls = spy_on_generate(tiny, monkeypatch)
     options = GenerationOptions(
         max_new_tokens=5,
         do_sample=True,
@@ -86,6 +81,7 @@ def test_options_reach_generate(tiny, monkeypatch):
         seed=1,
     )
     Generation(tiny, MESSAGES, options).run()
+    (seen,) = calls
     assert seen["max_new_tokens"] == 5
     assert seen["do_sample"] is True
     assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (0.5, 0.9, 3)
@@ -214,27 +210,6 @@ def test_plain_prompt_for_models_without_a_chat_template():
 GREEDY_FAST = GenerationOptions(max_new_tokens=16, do_sample=False, fast=True)
 
 
-class _Quiet:
-    def update(self, text: str) -> None:
-        pass
-
-    def finish(self, text: str, footer: str) -> None:
-        pass
-
-
-def spy_on_generate(model, monkeypatch) -> list[dict]:
-    """Record the keyword arguments of every model.generate call."""
-    calls: list[dict] = []
-    real = model.model.generate
-
-    def spy(**kwargs):
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(model.model, "generate", spy)
-    return calls
-
-
 def test_fast_mode_gives_the_same_text(tiny):
     """--fast changes the cache, not the reply: greedy and seeded samples are identical."""
     greedy = GenerationOptions(max_new_tokens=16, do_sample=False)
@@ -289,7 +264,7 @@ def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
     for fast in (False, True):
         chat = Chat(tiny, ConversationBook())
         options = GenerationOptions(max_new_tokens=10, do_sample=True, seed=3, fast=fast)
-        turns = [chat.ask(q, options=options, view=_Quiet()) for q in questions]
+        turns = [chat.ask(q, options=options, view=QuietView()) for q in questions]
         replies[fast] = [turn.assistant for turn in turns]
         if fast:
             assert turns[-1].options["fast"] is True
@@ -325,11 +300,11 @@ def test_fast_mode_chat_fits_the_conversation_into_the_static_cache(tiny):
     chat = Chat(tiny, ConversationBook())
     options = GenerationOptions(max_new_tokens=8, do_sample=False, fast=True, fast_cache_tokens=80)
     for number in range(6):
-        turn = chat.ask(f"Question number {number}.", options=options, view=_Quiet())
+        turn = chat.ask(f"Question number {number}.", options=options, view=QuietView())
         assert turn.stats["prompt_tokens"] + 8 <= 80
     assert turn.stats["dropped_turns"] > 0
     with pytest.raises(UsageError, match="fast_cache_tokens"):
-        chat.ask("word " * 100, options=options, view=_Quiet())
+        chat.ask("word " * 100, options=options, view=QuietView())
     assert len(chat.conversation()) == 6
 
 
@@ -339,7 +314,7 @@ def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
     from qwen_magic.conversation import ConversationBook
 
     chat = Chat(tiny, ConversationBook())
-    expected = chat.ask("Hello.", options=GREEDY_FAST, view=_Quiet()).assistant
+    expected = chat.ask("Hello.", options=GREEDY_FAST, view=QuietView()).assistant
     real = tiny.model.generate
 
     def fails_after_prefill(**kwargs):
@@ -349,8 +324,8 @@ def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tiny.model, "generate", fails_after_prefill)
         with pytest.raises(RuntimeError):
-            chat.ask("Fail.", options=GREEDY_FAST, view=_Quiet())
-    fresh = Chat(tiny, ConversationBook()).ask("Hello.", options=GREEDY_FAST, view=_Quiet())
+            chat.ask("Fail.", options=GREEDY_FAST, view=QuietView())
+    fresh = Chat(tiny, ConversationBook()).ask("Hello.", options=GREEDY_FAST, view=QuietView())
     assert fresh.stats["cached_prompt_tokens"] == 0
     assert fresh.assistant == expected
 

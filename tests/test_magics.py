@@ -9,6 +9,8 @@ from IPython.core.error import UsageError
 
 from qwen_magic import _state
 
+from .helpers import spy_on_generate
+
 FAST = "-n 6 --greedy --view text"
 
 
@@ -90,19 +92,13 @@ def test_out_variable_receives_the_reply(shell, tiny):
 
 def test_options_reach_generate(shell, tiny, monkeypatch):
     """Magic options become generate() arguments; the turn records them."""
-    seen = {}
-    real = tiny.model.generate
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(tiny.model, "generate", spy)
+    calls = spy_on_generate(tiny, monkeypatch)
     ask(
         shell,
         "hi",
         "-n 4 --sample -t 0.6 --top-p 0.8 --top-k 5 --repetition-penalty 1.1 --seed 3 --view text",
     )
+    (seen,) = calls
     assert seen["max_new_tokens"] == 4 and seen["do_sample"] is True
     assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (0.6, 0.8, 5)
     assert seen["repetition_penalty"] == 1.1
@@ -111,15 +107,13 @@ def test_options_reach_generate(shell, tiny, monkeypatch):
 
 def test_config_traitlets_set_defaults(shell, tiny, monkeypatch):
     """%config QwenMagics.max_new_tokens changes the default reply budget."""
-    seen = {}
-    real = tiny.model.generate
-    monkeypatch.setattr(tiny.model, "generate", lambda **kw: seen.update(kw) or real(**kw))
+    calls = spy_on_generate(tiny, monkeypatch)
     shell.run_line_magic("config", "QwenMagics.max_new_tokens = 3")
     try:
         ask(shell, "hi", "--greedy --view text")
     finally:
         shell.run_line_magic("config", "QwenMagics.max_new_tokens = 512")
-    assert seen["max_new_tokens"] == 3
+    assert calls[-1]["max_new_tokens"] == 3
 
 
 def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
@@ -251,9 +245,7 @@ def test_fast_reaches_generate_as_a_static_cache(shell, tiny, monkeypatch):
 
     from qwen_magic.generation import _cache_argument
 
-    seen = []
-    real = tiny.model.generate
-    monkeypatch.setattr(tiny.model, "generate", lambda **kw: seen.append(kw) or real(**kw))
+    seen = spy_on_generate(tiny, monkeypatch)
     ask(shell, "hi")
     assert not isinstance(seen[-1].get(_cache_argument()), StaticCache)
     ask(shell, "hi again", f"{FAST} --fast")

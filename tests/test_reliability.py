@@ -16,6 +16,7 @@ from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
 from qwen_magic.generation import GenerationOptions
 
+from .helpers import QuietView
 from .kernel import kernel
 
 SETUP = """
@@ -78,14 +79,6 @@ def test_conversations_survive_a_kernel_restart(tiny_model_path, tmp_path):
         assert second.value(f"{turns}[0].assistant") == reply
 
 
-class _Quiet:
-    def update(self, text: str) -> None:
-        pass
-
-    def finish(self, text: str, footer: str) -> None:
-        pass
-
-
 def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     """A 200-turn session leaves no threads, keeps RSS flat and every prompt inside the context."""
     chat = Chat(tiny, ConversationBook())
@@ -100,7 +93,7 @@ def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
         turn = chat.ask(
             f"Turn {number}: say something short about the number {number}.",
             options=options,
-            view=_Quiet(),
+            view=QuietView(),
         )
         assert turn.stats["prompt_tokens"] + 4 <= tiny.context_length
         if number in (50, 200):
@@ -128,7 +121,7 @@ def test_a_model_without_chat_template_gets_a_plain_prompt_and_a_notice(tiny, ca
     tiny.tokenizer.chat_template = None
     try:
         turn = Chat(tiny, ConversationBook()).ask(
-            "Hello", options=GenerationOptions(max_new_tokens=4), view=_Quiet()
+            "Hello", options=GenerationOptions(max_new_tokens=4), view=QuietView()
         )
     finally:
         tiny.tokenizer.chat_template = template
@@ -143,7 +136,7 @@ def test_context_overflow_with_the_real_model_drops_oldest_turns(demo, monkeypat
     chat = Chat(demo, ConversationBook(), reuse_cache=False)
     options = GenerationOptions(max_new_tokens=16, do_sample=False)
     for question in ["What is 2+2?", "What is 3+3?", "What is 4+4?", "What is 5+5?"]:
-        turn = chat.ask(question, options=options, view=_Quiet())
+        turn = chat.ask(question, options=options, view=QuietView())
     assert turn.stats["dropped_turns"] > 0
     assert turn.stats["prompt_tokens"] + 16 <= 96
     assert "10" in turn.assistant
