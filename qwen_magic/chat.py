@@ -35,6 +35,7 @@ from .generation import (
     PromptCache,
     count_prompt_tokens,
     fast_cache_tokens,
+    fast_mode_note,
 )
 from .view import TextView, WidgetView, make_view
 
@@ -122,6 +123,8 @@ class Chat:
                 f"{error} (--fast holds {context} tokens in its static cache; raise "
                 "QwenMagics.fast_cache_tokens or leave out --fast.)"
             ) from error
+        if (note := fast_mode_note(model, options)) is not None:
+            print(note)
         generation = Generation(model, messages, options, self._prompt_cache(model, chat))
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):

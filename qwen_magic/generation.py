@@ -170,6 +170,8 @@ class StaticCacheSlot:
     cache: Any
     max_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    #: Replies started in this cache; on CUDA the first one compiles the decoding step.
+    replies: int = 0
 
     def take(self, prompt_ids: list[int], *, reuse: bool = True) -> int:
         """Crop the cache to what it shares with ``prompt_ids`` (none unless ``reuse``); return
@@ -210,6 +212,29 @@ def static_cache_slot(loaded: LoadedModel, options: GenerationOptions) -> Static
         cache = StaticCache(config=loaded.model.config, max_cache_len=size)
         slot = _static_slots[loaded.model] = StaticCacheSlot(cache, size)
     return slot
+
+
+def compiles_decoding(loaded: LoadedModel) -> bool:
+    """Whether transformers compiles fast mode's decoding step for this model (CUDA and alike,
+    or wherever its ``compile_config`` forces it)."""
+    compile_config = getattr(loaded.model.generation_config, "compile_config", None)
+    forced = bool(getattr(compile_config, "_compile_all_devices", False))
+    return forced or loaded.model.device.type in ("cuda", "xpu")
+
+
+def fast_mode_note(loaded: LoadedModel, options: GenerationOptions) -> str | None:
+    """A line to show before the first reply in a model's static cache, else ``None``."""
+    if not options.fast or static_cache_slot(loaded, options).replies:
+        return None
+    if compiles_decoding(loaded):
+        return (
+            "Note: this first --fast reply compiles the decoding step with torch.compile "
+            "(a minute or more for a 7B model); later replies reuse it."
+        )
+    return (
+        f"Note: --fast compiles only on a GPU; on {loaded.model.device.type} its replies are "
+        "the same as without it, not faster."
+    )
 
 
 def _shared_prefix(first: list[int], second: list[int]) -> int:
@@ -385,6 +410,7 @@ class Generation:
                 )
             # Reuse the cached prefix where the caller keeps caches (Chat's reuse_cache).
             reused = slot.take(prompt_ids, reuse=self.prompt_cache is not None)
+            slot.replies += 1
             cache_kwargs[_cache_argument()] = slot.cache
             self.stats.cached_prompt_tokens = reused
         elif self.prompt_cache is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -205,7 +206,7 @@ def test_plain_prompt_for_models_without_a_chat_template():
     assert text.endswith("User: Tell me a story.\n\nAssistant:")
 
 
-# -- fast mode: a static KV cache (compiled with torch.compile on CUDA; not on this CPU) -------
+# -- fast mode: a static KV cache, compiled with torch.compile on CUDA ----------------------------
 
 GREEDY_FAST = GenerationOptions(max_new_tokens=16, do_sample=False, fast=True)
 
@@ -254,12 +255,69 @@ def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
     assert len(fast_threads) == 1 and fast_threads[0].daemon
 
 
+def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
+    """Where transformers compiles --fast's decoding step (CUDA; forced onto the CPU here with
+    its own testing switch), the step is compiled on the first reply and reused by every later
+    one: follow-ups, another conversation, another length. The replies match normal mode."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+
+    def talk(options: GenerationOptions) -> list[str]:
+        chat = Chat(tiny, ConversationBook())
+        replies = [chat.ask(q, options=options, view=QuietView()).assistant for q in QUESTIONS]
+        longer = replace(options, max_new_tokens=options.max_new_tokens + 5)
+        other = chat.ask("Something else.", conversation="other", options=longer, view=QuietView())
+        return [*replies, other.assistant]
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    expected = talk(GenerationOptions(max_new_tokens=12, do_sample=False))
+    compile_config = CompileConfig()  # transformers' default: inductor, "reduce-overhead"
+    compile_config._compile_all_devices = True
+    tiny.model.generation_config.compile_config = compile_config
+    before = graphs()
+    first = Generation(tiny, MESSAGES, GREEDY_FAST)
+    first.run()
+    assert graphs() == before + 1  # the decoding step, compiled
+    assert talk(replace(GREEDY_FAST, max_new_tokens=12)) == expected
+    assert graphs() == before + 1  # and never again
+
+
+QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
+
+
+def test_the_first_fast_reply_says_what_to_expect(tiny, capsys):
+    """The first reply in a model's static cache says what --fast does on this device (on a GPU:
+    compile, slowly, once); the later ones say nothing."""
+    from transformers import CompileConfig
+
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+    from qwen_magic.generation import fast_mode_note
+
+    chat = Chat(tiny, ConversationBook())
+    chat.ask("Hello.", options=GREEDY_FAST, view=QuietView())
+    assert "Note: --fast compiles only on a GPU; on cpu" in capsys.readouterr().out
+    chat.ask("Again.", options=GREEDY_FAST, view=QuietView())
+    chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=QuietView())
+    assert "Note" not in capsys.readouterr().out
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # as on CUDA
+    tiny.model.generation_config.compile_config = compile_config
+    resized = replace(GREEDY_FAST, fast_cache_tokens=1024)  # a new static cache, compiled anew
+    assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny, resized)
+
+
 def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
     """In a chat, --fast prefills only the new tokens of a follow-up, and says the same."""
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
 
-    questions = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
+    questions = QUESTIONS
     replies = {}
     for fast in (False, True):
         chat = Chat(tiny, ConversationBook())

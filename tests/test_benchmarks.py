@@ -1,0 +1,67 @@
+"""The GPU benchmark's script, run here as its ``--smoke`` test so it works when a GPU comes.
+
+``benchmarks/gpu.py`` only measures on CUDA, and GPU machines are rare: a script that broke
+quietly would waste one. ``--smoke --compile-on-cpu`` runs every row with toy shapes on the CPU,
+``--fast`` through ``torch.compile`` as on a GPU. The numbers mean nothing; the rows, the
+compile counts and the prefix reuse are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke_runs_every_row(tmp_path, demo_path):
+    benchmarks = ROOT / "BENCHMARKS.md"
+    before = benchmarks.read_text()
+    command = [sys.executable, "benchmarks/gpu.py", "--smoke", "--compile-on-cpu"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert benchmarks.read_text() == before  # a smoke run never rewrites the results
+
+    rows = {
+        (row["mode"], row["attention"]): row
+        for row in json.loads((tmp_path / "gpu_results.json").read_text())["rows"]
+    }
+    for key, row in rows.items():
+        assert "failed" not in row.get("note", ""), key
+    assert rows["plain generate", "flash_attention_2"]["note"] == "needs CUDA"
+
+    plain = rows["plain generate", "sdpa"]
+    streamed = rows["%%qwen (streamer, worker thread)", "sdpa"]
+    fast = rows["%%qwen --fast (static cache + compile)", "sdpa"]
+    follow_up = rows["%%qwen --fast, follow-up turn", "sdpa"]
+    for row in (plain, streamed, fast, follow_up):
+        assert row["tokens"] == [12] and row["tokens_per_s"] > 0
+    assert streamed["same_tokens_as_plain"] == "12/12"
+    assert fast["compiled"] and fast["graphs_compiled_in_warmup"] == 1
+    assert fast["graphs_compiled_while_measured"] == 0
+    assert follow_up["graphs_compiled_in_warmup"] == 0  # a new chat reuses the compiled step
+    assert follow_up["cached_prompt_tokens"] > 100  # turn 1's prompt and reply, from the cache
+
+    section = (tmp_path / "gpu_section.md").read_text()
+    assert section.startswith("## GPU") and "| %%qwen --fast, follow-up turn | sdpa |" in section
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here it would measure the GPU")
+def test_gpu_benchmark_refuses_to_measure_without_cuda():
+    """Without --smoke on a machine without CUDA: a one-line reason and exit status 2."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--no-write"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "No CUDA device" in done.stderr and "--smoke" in done.stderr
