@@ -33,7 +33,7 @@ from .generation import (
     Generation,
     GenerationOptions,
     PromptCache,
-    count_prompt_tokens,
+    PromptEncoder,
     fast_cache_tokens,
     fast_mode_note,
 )
@@ -107,10 +107,11 @@ class Chat:
         chat = self.conversation(conversation)
         # Fast mode's static cache is the context: the prompt and the reply must fit in it.
         context = fast_cache_tokens(model, options) if options.fast else model.context_length
+        encoder = PromptEncoder(model)  # renders the prompt once: to fit it, then to generate
         try:
             messages, dropped = chat.fit(
                 message,
-                lambda rendered: count_prompt_tokens(model, rendered),
+                encoder.count,
                 context_length=context,
                 max_new_tokens=options.max_new_tokens,
                 cell_id=cell_id,
@@ -125,7 +126,9 @@ class Chat:
             ) from error
         if (note := fast_mode_note(model, options)) is not None:
             print(note)
-        generation = Generation(model, messages, options, self._prompt_cache(model, chat))
+        generation = Generation(
+            model, messages, options, self._prompt_cache(model, chat), encoder=encoder
+        )
         generation.stats.dropped_turns = dropped
         if isinstance(view, str):
             shown = make_view(view)

@@ -48,6 +48,43 @@ def finishes(function, seconds: float = 60.0):
     return box
 
 
+def test_a_turn_renders_its_prompt_once(tiny, monkeypatch):
+    """Fitting a follow-up into the context and generating from it share one rendering of the
+    full prompt (the tokenizer's chat template runs once for it, not twice)."""
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+
+    chat = Chat(tiny, ConversationBook())
+    chat.ask("Hello.", options=GenerationOptions(4), view=QuietView())
+    rendered: list[list[dict]] = []
+    real = tiny.tokenizer.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        rendered.append([dict(message) for message in messages])
+        return real(messages, *args, **kwargs)
+
+    monkeypatch.setattr(tiny.tokenizer, "apply_chat_template", spy)
+    turn = chat.ask("And again?", options=GenerationOptions(4), view=QuietView())
+    full_prompt = chat.conversation().messages()[:-1]  # everything before this reply
+    assert rendered.count(full_prompt) == 1
+    assert turn.stats["prompt_tokens"] == count_prompt_tokens(tiny, full_prompt)
+
+
+def test_the_prompt_encoder_never_serves_stale_ids(tiny):
+    """The encoder's memo is keyed by content: an edited message is encoded afresh."""
+    from qwen_magic.generation import PromptEncoder
+
+    encoder = PromptEncoder(tiny)
+    messages = [dict(message) for message in MESSAGES]
+    before = encoder.token_ids(messages)
+    messages[-1]["content"] = "Tell me a much longer story, please."
+    after = encoder.token_ids(messages)
+    assert after != before and after == PromptEncoder(tiny).token_ids(messages)
+    inputs = encoder.inputs(messages)
+    assert inputs["input_ids"][0].tolist() == after
+    assert inputs["attention_mask"].sum().item() == len(after)
+
+
 def test_reply_streams_in_several_chunks(tiny):
     """The reply arrives as several chunks whose concatenation is the final text."""
     generation = Generation(tiny, MESSAGES, SAMPLE)

@@ -123,9 +123,9 @@ def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
 
     real = chat_module.Generation
 
-    def spy(model, messages, *args):
+    def spy(model, messages, *args, **kwargs):
         rendered.append(messages[0]["content"])
-        return real(model, messages, *args)
+        return real(model, messages, *args, **kwargs)
 
     monkeypatch.setattr(chat_module, "Generation", spy)
     ask(shell, "a", f"{FAST} -s 'Be terse.'")
