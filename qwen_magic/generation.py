@@ -214,26 +214,31 @@ def static_cache_slot(loaded: LoadedModel, options: GenerationOptions) -> Static
     return slot
 
 
-def compiles_decoding(loaded: LoadedModel) -> bool:
-    """Whether transformers compiles fast mode's decoding step for this model (CUDA and alike,
-    or wherever its ``compile_config`` forces it)."""
-    compile_config = getattr(loaded.model.generation_config, "compile_config", None)
-    forced = bool(getattr(compile_config, "_compile_all_devices", False))
-    return forced or loaded.model.device.type in ("cuda", "xpu")
+def why_decoding_is_not_compiled(loaded: LoadedModel) -> str | None:
+    """``None`` where transformers compiles fast mode's decoding step for this model, else why
+    not. Mirrors ``generate``'s own rule: a CUDA-like device (or a ``compile_config`` that forces
+    compiling everywhere), and no layers offloaded to the CPU or disk."""
+    model = loaded.model
+    placed = {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in placed or ("cpu" in placed and len(placed) > 1):
+        return "does not compile a model with layers offloaded to the CPU or disk"
+    compile_config = getattr(model.generation_config, "compile_config", None)
+    if getattr(compile_config, "_compile_all_devices", False):
+        return None
+    if model.device.type in ("cuda", "xpu"):
+        return None
+    return f"compiles only on a GPU (this model is on {model.device.type})"
 
 
 def fast_mode_note(loaded: LoadedModel, options: GenerationOptions) -> str | None:
     """A line to show before the first reply in a model's static cache, else ``None``."""
     if not options.fast or static_cache_slot(loaded, options).replies:
         return None
-    if compiles_decoding(loaded):
-        return (
-            "Note: this first --fast reply compiles the decoding step with torch.compile "
-            "(a minute or more for a 7B model); later replies reuse it."
-        )
+    if (why_not := why_decoding_is_not_compiled(loaded)) is not None:
+        return f"Note: --fast {why_not}; its replies are the same as without it, not faster."
     return (
-        f"Note: --fast compiles only on a GPU; on {loaded.model.device.type} its replies are "
-        "the same as without it, not faster."
+        "Note: this first --fast reply compiles the decoding step with torch.compile "
+        "(a minute or more for a 7B model); later replies reuse it."
     )
 
 

@@ -327,7 +327,7 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
 QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
 
 
-def test_the_first_fast_reply_says_what_to_expect(tiny, capsys):
+def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     """The first reply in a model's static cache says what --fast does on this device (on a GPU:
     compile, slowly, once); the later ones say nothing."""
     from transformers import CompileConfig
@@ -338,7 +338,7 @@ def test_the_first_fast_reply_says_what_to_expect(tiny, capsys):
 
     chat = Chat(tiny, ConversationBook())
     chat.ask("Hello.", options=GREEDY_FAST, view=QuietView())
-    assert "Note: --fast compiles only on a GPU; on cpu" in capsys.readouterr().out
+    assert "Note: --fast compiles only on a GPU (this model is on cpu)" in capsys.readouterr().out
     chat.ask("Again.", options=GREEDY_FAST, view=QuietView())
     chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=QuietView())
     assert "Note" not in capsys.readouterr().out
@@ -347,6 +347,9 @@ def test_the_first_fast_reply_says_what_to_expect(tiny, capsys):
     tiny.model.generation_config.compile_config = compile_config
     resized = replace(GREEDY_FAST, fast_cache_tokens=1024)  # a new static cache, compiled anew
     assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny, resized)
+    # accelerate spilled layers to the CPU: generate would not compile, and the note says so
+    monkeypatch.setattr(tiny.model, "hf_device_map", {"model": 0, "lm_head": "cpu"}, raising=False)
+    assert "layers offloaded to the CPU or disk" in fast_mode_note(tiny, resized)
 
 
 def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
