@@ -138,7 +138,7 @@ class Chat:
             shown = view()
         if (on_stop := getattr(shown, "on_stop", None)) is not None:
             on_stop(generation.cancel)  # the widget's Stop button
-            generation.on_wait = getattr(shown, "poll", None)
+        generation.on_wait = getattr(shown, "poll", None)  # Stop clicks, a wait counter
         try:
             for _chunk in generation:
                 shown.update(generation.text)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 CURSOR = " ▌"
+#: Waiting this long for the first token (a long prompt; --fast compiling) shows a counter.
+WAIT_NOTICE_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class WidgetView:
         self.stopped = False
         self._last_redraw = 0.0
         self._shown = None
+        self._has_text = False
+        self._started = time.perf_counter()
         self._on_stop: Callable[[], None] | None = None
         self.output = ipywidgets.Output(layout=ipywidgets.Layout(flex="1 1 auto", min_width="0"))
         self.stop_button = ipywidgets.Button(
@@ -215,11 +219,17 @@ class WidgetView:
             self._on_stop()
 
     def poll(self) -> None:
-        """Handle a Stop click waiting in the kernel's queue (called while tokens are awaited)."""
+        """Called while tokens are awaited: handle a Stop click waiting in the kernel's queue and,
+        while the first token is slow to come, show for how long it has been awaited."""
         if self._pump is not None:
             self._pump.poll()
+        if not self._has_text:
+            waited = time.perf_counter() - self._started
+            if waited >= WAIT_NOTICE_SECONDS:  # redrawn only when the whole seconds change
+                self._show(f"*waiting for the first token… {waited:.0f} s*")
 
     def update(self, text: str) -> None:
+        self._has_text = self._has_text or bool(text)
         self.poll()
         now = time.perf_counter()
         if now - self._last_redraw >= self.redraw_seconds:

@@ -307,14 +307,15 @@ class WatchResult:
 
 # Runs in the page: every `interval` ms record the Output widget's text length and whether
 # the cell's prompt still shows [*].  Only changes are stored, so the list stays short.
-_WATCH_JS = """
+_WATCH_JS = r"""
 ([cellIndex, selector, interval]) => {
   const st = {samples: [], t0: performance.now(), last: null};
   const tick = () => {
     const c = document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')[cellIndex];
     if (!c) return;
     const out = c.querySelector(selector);
-    const text = out ? out.innerText.trim() : '';
+    // The counter shown while the first token is awaited is not reply text.
+    const text = out ? out.innerText.replace(/waiting for the first token… \d+ s/, '').trim() : '';
     const prompt = c.querySelector('.jp-InputArea-prompt');
     const busy = !!prompt && prompt.textContent.includes('*');
     const key = text.length + (busy ? 'b' : 'i');

@@ -54,6 +54,48 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     assert "4 tokens" in shown[2].data
 
 
+def test_a_slow_first_token_shows_a_wait_counter_until_text_arrives(monkeypatch):
+    """Waiting over a second for the first token (a long prompt, --fast compiling) shows for how
+    long; redrawn only when the seconds change; the reply replaces it and it never returns."""
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    view = WidgetView(redraw_seconds=10.0)
+
+    def markdown() -> str:
+        return view.output.outputs[0]["data"]["text/markdown"] if view.output.outputs else ""
+
+    view.poll()
+    assert markdown() == ""  # a short wait shows nothing
+    view._started -= 3.2
+    view.poll()
+    view.poll()
+    assert markdown() == "*waiting for the first token… 3 s*" and view.redraws == 1
+    view.update("Hello")
+    assert markdown() == "Hello ▌"
+    view._started -= 60
+    view.poll()
+    assert markdown() == "Hello ▌"
+
+
+def test_chat_shows_the_wait_counter_while_generate_is_slow_to_start(tiny, monkeypatch):
+    """Chat.ask hands the view's poll to the generation: a slow start shows the counter."""
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    real = tiny.model.generate
+
+    def slow_to_start(**kwargs):
+        time.sleep(1.3)  # as a long prefill, or compiling, would
+        return real(**kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", slow_to_start)
+    view = WidgetView(redraw_seconds=0.0)
+    seen = []
+    view.output.observe(lambda change: seen.append(change["new"]), names="outputs")
+    options = GenerationOptions(max_new_tokens=40, do_sample=True, seed=3)
+    turn = Chat().ask("Tell me a story.", options=options, view=view)
+    texts = [outputs[0]["data"]["text/markdown"] for outputs in seen if outputs]
+    assert texts[0] == "*waiting for the first token… 1 s*"
+    assert texts[-1] == turn.assistant + " ▌"
+
+
 def test_auto_view_is_text_outside_a_kernel():
     """Outside a Jupyter kernel, 'auto' picks the text view."""
     assert not in_widget_frontend()
