@@ -53,6 +53,28 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path, demo_path):
     assert section.startswith("## GPU") and "| %%qwen --fast, follow-up turn | sdpa |" in section
 
 
+def test_gpu_benchmark_runs_without_ipython(tmp_path, demo_path):
+    """The GPU machines' Python has torch and transformers but no IPython: the script still runs
+    every row (it stands in for the one thing qwen_magic needs from IPython, UsageError)."""
+    without_ipython = (
+        "import runpy, sys\n"
+        "sys.modules['IPython'] = None  # import IPython now fails, as on the GPU image\n"
+        f"sys.argv = ['gpu.py', '--smoke', '--runs', '1', '--out', {str(tmp_path)!r}]\n"
+        "runpy.run_path('benchmarks/gpu.py', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", without_ipython],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_results.json").read_text())["rows"]
+    measured = [row for row in rows if "tokens_per_s" in row]
+    assert len(measured) == 4, rows  # plain, %%qwen, --fast, follow-up (flash needs CUDA)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here it would measure the GPU")
 def test_gpu_benchmark_refuses_to_measure_without_cuda():
     """Without --smoke on a machine without CUDA: a one-line reason and exit status 2."""
