@@ -623,6 +623,9 @@ def render_section(
             "(compiling the decoding step; later replies reuse it)."
         )
         lines.append("")
+    if ratios := speed_ratios(bench.rows):
+        lines.append(f"Decode speed against plain `generate` (sdpa), same run: {ratios}.")
+        lines.append("")
     lines.append(
         "Decode tokens/s counts the tokens after the first over the time after the first. The "
         f"reference points: Qwen's published transformers figure, about {QWEN_REFERENCE_TPS:.0f} "
@@ -631,6 +634,20 @@ def render_section(
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def speed_ratios(rows: list[dict[str, Any]]) -> str:
+    """Each measured row's decode speed over plain sdpa generate's, e.g. "`%%qwen …`: 0.98×"."""
+    plain = next(
+        (r for r in rows if r["mode"] == "plain generate" and r["attention"] == "sdpa"), None
+    )
+    if plain is None or not plain.get("tokens_per_s"):
+        return ""
+    return "; ".join(
+        f"{row['mode']} ({row['attention']}) {row['tokens_per_s'] / plain['tokens_per_s']:.2f}×"
+        for row in rows
+        if row is not plain and row.get("tokens_per_s")
+    )
 
 
 def row_note(row: dict[str, Any]) -> str:
