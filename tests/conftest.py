@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import install, load_aside
+
 # No test may wait on the (unreachable) model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -79,20 +81,13 @@ def tiny(fresh_state, tiny_model_path: Path):
 @pytest.fixture(scope="session")
 def demo_loaded_once(demo_path: Path):
     """The real demo model, loaded once for the whole session (outside the kernel cache)."""
-    from qwen_magic import loading
-
-    loading.release()
-    model = loading.load("demo", progress=None)
-    loading._state.loaded_model = None  # keep our reference; tests install it when needed
-    return model
+    return load_aside("demo")
 
 
 @pytest.fixture
 def demo(fresh_state, demo_loaded_once):
     """The real demo model installed as the kernel's model."""
-    fresh_state.loaded_model = demo_loaded_once
-    demo_loaded_once.already_loaded = False
-    return demo_loaded_once
+    return install(fresh_state, demo_loaded_once)
 
 
 @pytest.fixture

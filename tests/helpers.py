@@ -1,4 +1,4 @@
-"""Small test doubles shared by the test modules."""
+"""Small test doubles and set-ups shared by the test modules (and by the benchmarks)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,22 @@ def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
 
     monkeypatch.setattr(loaded.model, "generate", spy)
     return calls
+
+
+def load_aside(spec: str, **options: Any) -> Any:
+    """Load a model once for many tests, then take it out of the kernel's one-model cache:
+    each test installs it with :func:`install` (so a test that loads another model cannot
+    release it for the others)."""
+    from qwen_magic import _state, loading
+
+    loading.release()
+    loaded = loading.load(spec, progress=None, **options)
+    _state.loaded_model = None
+    return loaded
+
+
+def install(state: Any, loaded: Any) -> Any:
+    """Make ``loaded`` the kernel's current model, as a fresh ``%qwen_load`` would."""
+    state.loaded_model = loaded
+    loaded.already_loaded = False
+    return loaded

@@ -11,6 +11,7 @@ never ``playwright install``.  Skipped, with the reason, only when one of them i
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -85,22 +86,25 @@ def test_qwen_reply_streams_visibly_in_jupyterlab(lab_server, demo_path):
     assert result.screenshot_path.is_file()
 
 
+@contextlib.contextmanager
+def set_up_notebook(server, name: str, cells: list[str]):
+    """``NAME.ipynb`` (SETUP_CELLS, then ``cells``) open in JupyterLab with SETUP_CELLS run;
+    the screenshot on leaving goes to ``test-artifacts/NAME.png``."""
+    notebook = write_notebook(server.root_dir / f"{name}.ipynb", [*SETUP_CELLS, *cells])
+    with open_notebook(
+        notebook, server=server, timeout=300, screenshot_path=ARTIFACTS_DIR / f"{name}.png"
+    ) as lab:
+        for i in range(len(SETUP_CELLS)):
+            lab.run_cell(i)
+        yield lab
+
+
 @pytest.mark.browser
 @pytest.mark.demo
 def test_stop_button_ends_a_long_reply_and_keeps_it(lab_server, demo_path):
     """Clicking Stop mid-reply ends the cell at once, normally; the partial turn is kept."""
-    notebook = write_notebook(
-        lab_server.root_dir / "browser_stop.ipynb", [*SETUP_CELLS, LONG_CELL, FACTS_CELL]
-    )
     ask, facts = len(SETUP_CELLS), len(SETUP_CELLS) + 1
-    with open_notebook(
-        notebook,
-        server=lab_server,
-        timeout=300,
-        screenshot_path=ARTIFACTS_DIR / "browser_stop.png",
-    ) as lab:
-        for i in range(ask):
-            lab.run_cell(i)
+    with set_up_notebook(lab_server, "browser_stop", [LONG_CELL, FACTS_CELL]) as lab:
         started = lab.start_cell(ask)
         lab.wait_output_length(ask, 60)  # some of the reply has streamed
         stop = lab.cell(ask).get_by_role("button", name="Stop")
@@ -149,18 +153,8 @@ FOLLOW_UP_CELLS = [
 @pytest.mark.demo
 def test_follow_up_and_rerun_in_jupyterlab(lab_server, demo_path):
     """In JupyterLab a follow-up cell uses the earlier turn, and re-running a cell replaces it."""
-    notebook = write_notebook(
-        lab_server.root_dir / "browser_follow_up.ipynb", [*SETUP_CELLS, *FOLLOW_UP_CELLS]
-    )
     first, follow_up, facts = (len(SETUP_CELLS) + i for i in range(3))
-    with open_notebook(
-        notebook,
-        server=lab_server,
-        timeout=300,
-        screenshot_path=ARTIFACTS_DIR / "browser_follow_up.png",
-    ) as lab:
-        for i in range(first):
-            lab.run_cell(i)
+    with set_up_notebook(lab_server, "browser_follow_up", FOLLOW_UP_CELLS) as lab:
         lab.run_cell(first)
         lab.run_cell(follow_up)
         answer = lab.output_text(follow_up)

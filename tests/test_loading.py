@@ -24,6 +24,8 @@ import qwen_magic
 from qwen_magic import _state, loading
 from qwen_magic.generation import GenerationOptions
 
+from .helpers import install, load_aside
+
 CPU = "--device cpu"
 
 
@@ -78,18 +80,13 @@ def spy_from_pretrained(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_once(tiny_model_path):
     """The tiny model loaded once for this module (reading its tokenizer takes over a second)."""
-    loading.release()
-    loaded = loading.load(str(tiny_model_path), device="cpu", progress=None)
-    _state.loaded_model = None  # each test that wants it installs it through `kept`
-    return loaded
+    return load_aside(str(tiny_model_path), device="cpu")  # tests install it through `kept`
 
 
 @pytest.fixture
 def kept(fresh_state, tiny_once):
     """The shared tiny model as the kernel's current model, for tests that must not replace it."""
-    fresh_state.loaded_model = tiny_once
-    tiny_once.already_loaded = False
-    yield tiny_once
+    yield install(fresh_state, tiny_once)
     if fresh_state.loaded_model is tiny_once:
         fresh_state.loaded_model = None  # still alive in tiny_once: spare release() its gc pass
 
