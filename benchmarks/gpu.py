@@ -54,6 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers import QuietView, compile_on_any_device  # noqa: E402  (no IPython needed)
+
 #: Qwen2-7B-Instruct's config.json, the parts that decide the speed.
 QWEN2_7B = {
     "hidden_size": 3584,
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SMOKE if args.smoke else QWEN2_7B
     model, build_seconds = build_model(shapes, device)
     if args.compile_on_cpu:
-        compile_everywhere(model)
+        model.generation_config.compile_config = compile_on_any_device()
     tokenizer, tokenizer_source = load_tokenizer(shapes["vocab_size"], args.synthetic_tokenizer)
     synthetic = tokenizer_source.startswith("synthetic")
     loaded = make_loaded(model, tokenizer, device)
@@ -278,15 +280,6 @@ def build_model(shapes: dict[str, Any], device: str) -> tuple[Any, float]:
     return model, time.perf_counter() - started
 
 
-def compile_everywhere(model: Any) -> None:
-    """Let transformers compile the static-cache decoding step on any device, not only CUDA."""
-    from transformers import CompileConfig
-
-    compile_config = CompileConfig()  # transformers' default: inductor, "reduce-overhead"
-    compile_config._compile_all_devices = True  # transformers' switch "for testing purposes"
-    model.generation_config.compile_config = compile_config
-
-
 def load_tokenizer(vocab_size: int, synthetic: bool) -> tuple[Any, str]:
     """The demo model's Qwen tokenizer when it is prepared here, else a synthetic one."""
     if not synthetic:
@@ -382,14 +375,6 @@ def copy_bandwidth() -> float:
 
 
 # -- measuring -------------------------------------------------------------------------------
-
-
-class _Quiet:
-    def update(self, text: str) -> None:
-        pass
-
-    def finish(self, text: str, footer: str) -> None:
-        pass
 
 
 class Bench:
@@ -519,8 +504,8 @@ class Bench:
         options = GenerationOptions(max_new_tokens=self.new_tokens, do_sample=False, fast=True)
         chat = Chat(self.loaded, ConversationBook(), reuse_cache=True)
         chat.book.default_system_prompt = SYSTEM
-        chat.ask(self.messages[-1]["content"], options=options, view=_Quiet())
-        turn = chat.ask("Now summarise that in three sentences.", options=options, view=_Quiet())
+        chat.ask(self.messages[-1]["content"], options=options, view=QuietView())
+        turn = chat.ask("Now summarise that in three sentences.", options=options, view=QuietView())
         self._sync()
         return {
             "first_token_s": turn.stats["first_token_seconds"],
@@ -553,12 +538,9 @@ def compiled_graphs() -> int:
 
 
 def common_prefix(first: list[int], second: list[int] | None) -> str:
-    shared = 0
-    for a, b in zip(first, second or [], strict=False):
-        if a != b:
-            break
-        shared += 1
-    return f"{shared}/{len(first)}"
+    from qwen_magic.generation import shared_prefix_length
+
+    return f"{shared_prefix_length(first, second or [])}/{len(first)}"
 
 
 # -- reporting -------------------------------------------------------------------------------

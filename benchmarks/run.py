@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qwen_magic.persistence import write_atomic  # noqa: E402
-from tests.helpers import QuietView  # noqa: E402
+from tests.helpers import QuietView, compile_on_any_device  # noqa: E402
 from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
 
 PROMPT = "Write a short paragraph about why unit tests matter."
@@ -276,14 +276,11 @@ def bench_turns(loaded) -> dict:
 def bench_fast(loaded) -> dict:
     """``%%qwen --fast`` on this CPU: normal mode, the static cache as shipped (not compiled off
     a GPU), and the static cache compiled anyway (transformers' testing switch), interleaved."""
-    from transformers import CompileConfig
-
     from qwen_magic.generation import Generation, GenerationOptions
 
     print("fast mode on the CPU: normal, static cache, static cache compiled…", flush=True)
     messages = [{"role": "user", "content": PROMPT}]
-    forced = CompileConfig()
-    forced._compile_all_devices = True
+    forced = compile_on_any_device()
     modes = {"normal": (False, None), "fast": (True, None), "fast compiled": (True, forced)}
 
     def reply(fast: bool, compile_config) -> tuple[float, float, str]:

@@ -134,7 +134,7 @@ class PromptCache:
         self.cache, self.token_ids = None, []
         if cache is None or cache.get_seq_length() != len(covered):
             return None, 0
-        keep = min(_shared_prefix(covered, prompt_ids), len(prompt_ids) - 1)
+        keep = min(shared_prefix_length(covered, prompt_ids), len(prompt_ids) - 1)
         if keep <= 0:
             return None, 0
         if (remove := len(covered) - keep) > 0:
@@ -182,7 +182,7 @@ class StaticCacheSlot:
         length = int(self.cache.get_seq_length())
         keep = 0
         if reuse and length == len(held):
-            keep = min(_shared_prefix(held, prompt_ids), len(prompt_ids) - 1)
+            keep = min(shared_prefix_length(held, prompt_ids), len(prompt_ids) - 1)
         with torch.inference_mode():  # the cache's tensors were made in inference mode
             if length != len(held):
                 self.cache.reset()  # unknown contents (a failed reply): start clean
@@ -242,7 +242,8 @@ def fast_mode_note(loaded: LoadedModel, options: GenerationOptions) -> str | Non
     )
 
 
-def _shared_prefix(first: list[int], second: list[int]) -> int:
+def shared_prefix_length(first: list[int], second: list[int]) -> int:
+    """How many leading token ids ``first`` and ``second`` have in common."""
     shared = 0
     for a, b in zip(first, second, strict=False):
         if a != b:

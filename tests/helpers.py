@@ -28,6 +28,17 @@ def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
     return calls
 
 
+def compile_on_any_device() -> Any:
+    """transformers' default ``CompileConfig`` (inductor, "reduce-overhead") with its switch "for
+    testing purposes" on: ``generate`` then compiles a static cache's decoding step on any device,
+    the CPU included, as it otherwise does only on CUDA-like ones."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return compile_config
+
+
 def load_aside(spec: str, **options: Any) -> Any:
     """Load a model once for many tests, then take it out of the kernel's one-model cache:
     each test installs it with :func:`install` (so a test that loads another model cannot

@@ -18,7 +18,7 @@ from qwen_magic.generation import (
     plain_prompt,
 )
 
-from .helpers import QuietView, spy_on_generate
+from .helpers import QuietView, compile_on_any_device, spy_on_generate
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -297,7 +297,6 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
     its own testing switch), the step is compiled on the first reply and reused by every later
     one: follow-ups, another conversation, another length. The replies match normal mode."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
@@ -313,9 +312,7 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
         return counters["stats"]["unique_graphs"]
 
     expected = talk(GenerationOptions(max_new_tokens=12, do_sample=False))
-    compile_config = CompileConfig()  # transformers' default: inductor, "reduce-overhead"
-    compile_config._compile_all_devices = True
-    tiny.model.generation_config.compile_config = compile_config
+    tiny.model.generation_config.compile_config = compile_on_any_device()
     before = graphs()
     first = Generation(tiny, MESSAGES, GREEDY_FAST)
     first.run()
@@ -330,8 +327,6 @@ QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
 def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     """The first reply in a model's static cache says what --fast does on this device (on a GPU:
     compile, slowly, once); the later ones say nothing."""
-    from transformers import CompileConfig
-
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
     from qwen_magic.generation import fast_mode_note
@@ -342,9 +337,7 @@ def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     chat.ask("Again.", options=GREEDY_FAST, view=QuietView())
     chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=QuietView())
     assert "Note" not in capsys.readouterr().out
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True  # as on CUDA
-    tiny.model.generation_config.compile_config = compile_config
+    tiny.model.generation_config.compile_config = compile_on_any_device()  # as on CUDA
     resized = replace(GREEDY_FAST, fast_cache_tokens=1024)  # a new static cache, compiled anew
     assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny, resized)
     # accelerate spilled layers to the CPU: generate would not compile, and the note says so
