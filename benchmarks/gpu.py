@@ -40,13 +40,10 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +51,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import QuietView, compile_on_any_device  # noqa: E402  (no IPython needed)
+from benchmarks.common import (  # noqa: E402
+    machine_facts,
+    replace_section,
+    say,
+    timed,
+)
+from tests.helpers import compile_on_any_device  # noqa: E402  (no IPython needed)
 
 #: Qwen2-7B-Instruct's config.json, the parts that decide the speed.
 QWEN2_7B = {
@@ -108,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_on_cpu and not args.smoke:
         parser.error("--compile-on-cpu goes with --smoke (on CUDA, --fast compiles anyway)")
 
-    ensure_usage_error_importable()
     import torch
 
     cuda = torch.cuda.is_available()
@@ -137,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": user_message(tokenizer, args.prompt_tokens, synthetic)},
     ]
-    from qwen_magic.generation import prompt_inputs
+    from qwen_magic.encoding import encode
 
-    inputs = prompt_inputs(loaded, messages)
-    prompt_tokens = int(inputs["input_ids"].shape[1])
+    prompt_ids = encode(tokenizer, messages)
+    prompt_tokens = len(prompt_ids)
     facts.update(
         parameters=f"{loaded.parameters / 1e9:.2f}B",
         weights=f"{weight_bytes(model) / 2**30:.2f} GiB",
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         facts["bound at that bandwidth"] = f"{bandwidth / weight_bytes(model):.0f} tokens/s"
     say(f"model: {facts['parameters']} parameters, {facts['weights']}, built in {facts['build']}")
 
-    bench = Bench(loaded, messages, inputs, new_tokens, runs, device)
+    bench = Bench(loaded, messages, prompt_ids, new_tokens, runs, device)
     flash = flash_status(device)
     bench.row("plain generate", "sdpa", bench.bare)
     if flash is None:
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     path = ROOT / "BENCHMARKS.md"
     measured = device == "cuda" and not args.smoke
     if measured and not args.no_write:
-        path.write_text(replace_section(path.read_text(), section))
+        path.write_text(replace_section(path.read_text(), "GPU", section))
         say(f"wrote the GPU section of {path}")
     if args.out:
         out = Path(args.out)
@@ -197,60 +199,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- setting up ------------------------------------------------------------------------------
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-def ensure_usage_error_importable() -> None:
-    """qwen_magic.generation needs only ``UsageError`` from IPython, which GPU images lack."""
-    try:
-        import IPython.core.error  # noqa: F401
-    except ImportError:
-        error_module = types.ModuleType("IPython.core.error")
-
-        class UsageError(Exception):
-            """Stand-in for IPython's UsageError (IPython is not installed here)."""
-
-        error_module.UsageError = UsageError  # type: ignore[attr-defined]
-        core = types.ModuleType("IPython.core")
-        core.error = error_module  # type: ignore[attr-defined]
-        package = types.ModuleType("IPython")
-        package.core = core  # type: ignore[attr-defined]
-        sys.modules.update(
-            {"IPython": package, "IPython.core": core, "IPython.core.error": error_module}
-        )
-
-
-def machine_facts(device: str) -> dict[str, str]:
-    import torch
-    import transformers
-
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "flash-attn": package_version("flash-attn") or "not installed",
-    }
-    if device == "cuda":
-        properties = torch.cuda.get_device_properties(0)
-        facts = {
-            "GPU": torch.cuda.get_device_name(0),
-            "GPU memory": f"{properties.total_memory / 2**30:.0f} GiB",
-            "CUDA": str(torch.version.cuda),
-            **facts,
-        }
-    else:
-        facts = {"GPU": "none (--smoke on the CPU)", **facts}
-    return facts
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def flash_status(device: str) -> str | None:
@@ -384,12 +332,20 @@ class Bench:
         self,
         loaded: Any,
         messages: list[dict[str, str]],
-        inputs: dict[str, Any],
+        prompt_ids: list[int],
         new_tokens: int,
         runs: int,
         device: str,
     ) -> None:
-        self.loaded, self.messages, self.inputs = loaded, messages, inputs
+        import torch
+
+        from qwen_magic.kernel_backend import KernelBackend
+
+        self.loaded, self.messages = loaded, messages
+        # One backend for every %%qwen row: its static cache (and compiled step) is kept.
+        self.backend = KernelBackend(loaded)
+        ids = torch.tensor([prompt_ids], device=loaded.device)
+        self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         self.new_tokens, self.runs, self.device = new_tokens, runs, device
         self.rows: list[dict[str, Any]] = []
         self.reference_ids: list[int] | None = None
@@ -478,12 +434,12 @@ class Bench:
 
     def magic(self, *, fast: bool) -> Callable[[], dict[str, Any]]:
         """A reply through qwen_magic's Generation, as ``%%qwen`` (with ``--fast``) makes it."""
-        from qwen_magic.generation import Generation, GenerationOptions
+        from qwen_magic.options import GenerationOptions
 
         options = GenerationOptions(max_new_tokens=self.new_tokens, do_sample=False, fast=fast)
 
         def run() -> dict[str, Any]:
-            generation = Generation(self.loaded, self.messages, options)
+            generation = self.backend.start(self.messages, options)
             generation.run()
             self._sync()
             return {
@@ -499,13 +455,14 @@ class Bench:
         """Turn 2 of a ``--fast`` chat: its prompt prefix comes from the static cache."""
         from qwen_magic.chat import Chat
         from qwen_magic.conversation import ConversationBook
-        from qwen_magic.generation import GenerationOptions
+        from qwen_magic.options import GenerationOptions
+        from qwen_magic.view import NullView
 
         options = GenerationOptions(max_new_tokens=self.new_tokens, do_sample=False, fast=True)
-        chat = Chat(self.loaded, ConversationBook(), reuse_cache=True)
+        chat = Chat(self.backend, ConversationBook(), reuse_cache=True)
         chat.book.default_system_prompt = SYSTEM
-        chat.ask(self.messages[-1]["content"], options=options, view=QuietView())
-        turn = chat.ask("Now summarise that in three sentences.", options=options, view=QuietView())
+        chat.ask(self.messages[-1]["content"], options=options, view=NullView())
+        turn = chat.ask("Now summarise that in three sentences.", options=options, view=NullView())
         self._sync()
         return {
             "first_token_s": turn.stats["first_token_seconds"],
@@ -521,12 +478,6 @@ class Bench:
             torch.cuda.synchronize()
 
 
-def timed(run: Callable[[], Any]) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = run()
-    return result, time.perf_counter() - started
-
-
 def compiled_graphs() -> int:
     """How many graphs torch.compile has compiled in this process so far."""
     try:
@@ -538,7 +489,7 @@ def compiled_graphs() -> int:
 
 
 def common_prefix(first: list[int], second: list[int] | None) -> str:
-    from qwen_magic.generation import shared_prefix_length
+    from qwen_magic.caches import shared_prefix_length
 
     return f"{shared_prefix_length(first, second or [])}/{len(first)}"
 
@@ -648,16 +599,6 @@ def row_note(row: dict[str, Any]) -> str:
     if "note" in row:
         notes.append(row["note"])
     return "; ".join(notes)
-
-
-def replace_section(text: str, section: str) -> str:
-    """``text`` with its ``## GPU`` section (up to the next ``## `` heading) replaced."""
-    pattern = re.compile(r"^## GPU\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    section = section.rstrip("\n") + "\n"
-    if pattern.search(text):
-        following = pattern.search(text).end() < len(text)
-        return pattern.sub(lambda _match: section + ("\n" if following else ""), text, count=1)
-    return text.rstrip("\n") + "\n\n" + section
 
 
 if __name__ == "__main__":

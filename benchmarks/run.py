@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
 from qwen_magic.persistence import write_atomic  # noqa: E402
-from tests.helpers import QuietView, compile_on_any_device  # noqa: E402
+from qwen_magic.view import NullView  # noqa: E402
+from tests.helpers import compile_on_any_device  # noqa: E402
 from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
 
 PROMPT = "Write a short paragraph about why unit tests matter."
@@ -51,32 +52,6 @@ TURN_QUESTIONS = [
     "Give one line of code for each.",
     "Summarise our discussion in one sentence.",
 ]
-
-
-def machine_facts() -> dict[str, str]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import psutil
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "CPU": f"{cpu}, {os.cpu_count()} cores",
-        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "GPU": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch threads": str(torch.get_num_threads()),
-    }
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> dict:
@@ -196,7 +171,7 @@ def bench_streaming(loaded) -> dict:
                     updates.append(message)
 
             k.run(f"%%qwen --greedy -n {NEW_TOKENS} --new\n{PROMPT}", hook)
-            stats = k.value("qwen_magic._state.conversations.get().turns[-1].stats")
+            stats = k.value("qwen_magic.current_session().conversations.get().turns[-1].stats")
             magic_runs.append(stats)
             redraws.append(len(updates))
         rss = k.value("__import__('psutil').Process().memory_info().rss")
@@ -249,7 +224,8 @@ def bench_turns(loaded) -> dict:
     """Time to first token at turns 1, 4, 8, with and without KV-cache reuse, interleaved."""
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.generation import GenerationOptions
+    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.options import GenerationOptions
 
     print("multi-turn: 8 turns with and without cache reuse…", flush=True)
 
@@ -258,9 +234,9 @@ def bench_turns(loaded) -> dict:
     replies: dict[str, list[str]] = {}
     for _ in range(REPEATS):
         for label, reuse in (("reuse", True), ("no reuse", False)):
-            loaded.prompt_caches.clear()  # turn 1 must start cold in both columns
-            chat = Chat(loaded, ConversationBook(), reuse_cache=reuse)
-            turns = [chat.ask(q, options=options, view=QuietView()) for q in TURN_QUESTIONS]
+            backend = KernelBackend(loaded)  # new caches: turn 1 starts cold in both columns
+            chat = Chat(backend, ConversationBook(), reuse_cache=reuse)
+            turns = [chat.ask(q, options=options, view=NullView()) for q in TURN_QUESTIONS]
             results[label].append([t.stats["first_token_seconds"] for t in turns])
             replies[label] = [t.assistant for t in turns]
             prompt_tokens = [t.stats["prompt_tokens"] for t in turns]
@@ -276,17 +252,19 @@ def bench_turns(loaded) -> dict:
 def bench_fast(loaded) -> dict:
     """``%%qwen --fast`` on this CPU: normal mode, the static cache as shipped (not compiled off
     a GPU), and the static cache compiled anyway (transformers' testing switch), interleaved."""
-    from qwen_magic.generation import Generation, GenerationOptions
+    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.options import GenerationOptions
 
     print("fast mode on the CPU: normal, static cache, static cache compiled…", flush=True)
     messages = [{"role": "user", "content": PROMPT}]
     forced = compile_on_any_device()
     modes = {"normal": (False, None), "fast": (True, None), "fast compiled": (True, forced)}
+    backend = KernelBackend(loaded)  # one static cache for every fast reply, as in a kernel
 
     def reply(fast: bool, compile_config) -> tuple[float, float, str]:
         loaded.model.generation_config.compile_config = compile_config
         options = GenerationOptions(max_new_tokens=NEW_TOKENS, do_sample=False, fast=fast)
-        generation = Generation(loaded, messages, options)
+        generation = backend.start(messages, options)
         started = time.perf_counter()
         generation.run()
         seconds = time.perf_counter() - started
@@ -324,7 +302,7 @@ def main() -> None:
     fast = bench_fast(loaded)
     report = render(facts, load, streaming, turns, fast)
     print(report)
-    write_atomic(ROOT / "BENCHMARKS.md", report)
+    write_atomic(REPORT, report)
 
 
 def render(facts: dict, load: dict, streaming: dict, turns: dict, fast: dict) -> str:
@@ -444,15 +422,10 @@ section with the card's name and its numbers.
 def existing_gpu_section() -> str:
     """The GPU section `make bench-gpu` wrote (kept: this CPU benchmark cannot redo it)."""
     try:
-        text = (ROOT / "BENCHMARKS.md").read_text()
+        text = REPORT.read_text()
     except OSError:
         return GPU_PLACEHOLDER
-    start = text.find("\n## GPU")
-    if start < 0:
-        return GPU_PLACEHOLDER
-    section = text[start + 1 :]
-    following = section.find("\n## ", 1)
-    return section if following < 0 else section[: following + 1]
+    return read_section(text, "GPU") or GPU_PLACEHOLDER
 
 
 if __name__ == "__main__":

@@ -20,28 +20,49 @@ From plain Python::
     print(chat.ask("Hello!", view="text").assistant)
 
 The model is loaded once per kernel and survives ``%reload_ext qwen_magic``. Importing this
-package is instant: torch and transformers are imported at the first load.
+package is instant: torch and transformers are imported at the first load (a test keeps it so).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from .backend import Backend, Reply, ReplyStats
+from .chat import Chat
+from .conversation import Conversation, ConversationBook, Turn
+from .errors import QwenMagicError
+from .loading import LoadedModel
+from .options import GenerationOptions
+from .session import Session
+from .session import current as current_session
 
 __version__ = "0.1.0"
 __all__ = [
+    "Backend",
     "Chat",
     "Conversation",
+    "ConversationBook",
     "GenerationOptions",
     "LoadedModel",
+    "QwenMagicError",
+    "Reply",
+    "ReplyStats",
+    "Session",
+    "Turn",
+    "current_session",
     "load",
     "load_ipython_extension",
 ]
 
-if TYPE_CHECKING:
-    from .chat import Chat
-    from .conversation import Conversation
-    from .generation import GenerationOptions
-    from .loading import LoadedModel, load
+
+def load(model: str | None = None, **how: Any) -> LoadedModel:
+    """Load ``model`` into this kernel once (``%qwen_load``'s Python face) and return it.
+
+    ``how``: ``dtype``, ``device``, ``attention``, ``revision``, ``trust_remote_code``,
+    ``progress`` (a function taking each progress line, or None for silence).
+    """
+    loaded, _fresh = current_session().load_model(model, **how)
+    return loaded
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -49,28 +70,3 @@ def load_ipython_extension(ipython: Any) -> None:
     from .magics import QwenMagics
 
     ipython.register_magics(QwenMagics)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy exports keep `import qwen_magic` and `%load_ext` free of torch/transformers imports.
-    if name == "load":
-        from .loading import load
-
-        return load
-    if name == "LoadedModel":
-        from .loading import LoadedModel
-
-        return LoadedModel
-    if name == "Chat":
-        from .chat import Chat
-
-        return Chat
-    if name == "Conversation":
-        from .conversation import Conversation
-
-        return Conversation
-    if name == "GenerationOptions":
-        from .generation import GenerationOptions
-
-        return GenerationOptions
-    raise AttributeError(f"module 'qwen_magic' has no attribute {name!r}")

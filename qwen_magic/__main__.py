@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from IPython.core.error import UsageError
+    from .errors import QwenMagicError
 
     try:
         sys.exit(main())
-    except UsageError as error:
+    except QwenMagicError as error:
         sys.exit(f"error: {error}")

@@ -9,71 +9,64 @@
     chat.ask("Show a three-line example.")       # a follow-up: the history goes along
     chat.conversation().turns                     # what was said, with timings
 
-One :meth:`Chat.ask` renders the conversation (trimmed to fit the model's context), streams the
-reply into a view, and records the turn. If generation fails, nothing is recorded. If it is
-interrupted (Ctrl-C, the kernel's stop button), the partial reply is recorded and marked so,
-then the interrupt goes on to stop the rest of the notebook run. The widget's own Stop button
-cancels the generation instead: the partial reply is recorded and marked interrupted just the
-same, but the cell ends normally and the notebook run goes on.
-
-In fast mode (``GenerationOptions(fast=True)``) the reply decodes into the model's one static KV
-cache (see :mod:`qwen_magic.generation`), whose size is then the context the conversation is
-fitted into: the oldest turns are left out sooner. With ``reuse_cache`` the static cache keeps
-the prompt prefix across turns just as the per-conversation caches do.
+One :meth:`Chat.ask` fits the conversation into the backend's context (the oldest turns are
+left out first), streams the reply into a view, and records the turn. It knows the backend only
+through :class:`qwen_magic.backend.Backend`, so it works the same with a model in the kernel and
+with a server. If generation fails, nothing is recorded. If it is interrupted (Ctrl-C, the
+kernel's stop button), the partial reply is recorded and marked so, then the interrupt goes on
+to stop the rest of the notebook run. The widget's own Stop button cancels the reply instead:
+the partial reply is recorded and marked interrupted just the same, but the cell ends normally
+and the notebook run goes on. A reply cut short is not recorded when it is a re-run of a cell
+(the cell's earlier turn, and the turns after it, stay as they were) or when it had no text yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from . import _state, loading
+from . import session as kernel_session
+from .backend import Backend, Reply
 from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
-from .generation import (
-    Generation,
-    GenerationOptions,
-    PromptCache,
-    PromptEncoder,
-    fast_cache_tokens,
-    fast_mode_note,
-)
-from .view import TextView, WidgetView, make_view
+from .errors import QwenMagicError
+from .options import GenerationOptions
+from .view import View, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
 STOPPED_NOTE = "*(stopped)*"
-MAX_CACHED_CONVERSATIONS = 4
 
-
-def notebook_conversations() -> ConversationBook:
-    """The kernel's conversations; they survive ``%reload_ext``."""
-    if _state.conversations is None:
-        _state.conversations = ConversationBook()
-    return _state.conversations
+ViewChoice = str | View | Callable[[], View]
 
 
 class Chat:
-    """Sends messages to a loaded model and keeps the conversations."""
+    """Sends messages to a backend and keeps the conversations.
+
+    By default both are the kernel session's, looked up on each use (so a ``%qwen_load`` or a
+    ``%qwen_restore`` in between is seen); give ``backend`` or ``book`` to use others.
+    """
 
     def __init__(
         self,
-        model: loading.LoadedModel | None = None,
+        backend: Backend | None = None,
         book: ConversationBook | None = None,
         *,
         reuse_cache: bool = True,
     ) -> None:
-        self._model = model
+        self._backend = backend
         self._book = book
-        #: Keep each conversation's KV cache so a follow-up only prefills its new tokens.
+        #: Let the backend keep per-conversation state (a KV cache) for cheap follow-ups.
         self.reuse_cache = reuse_cache
 
     @property
     def book(self) -> ConversationBook:
-        """The conversations: the given book, else the kernel's (looked up on each use)."""
-        return self._book if self._book is not None else notebook_conversations()
+        return self._book if self._book is not None else kernel_session.current().conversations
 
     @property
-    def model(self) -> loading.LoadedModel:
-        return self._model or loading.require_current()
+    def backend(self) -> Backend:
+        if self._backend is not None:
+            return self._backend
+        return kernel_session.current().require_backend()
 
     def conversation(self, name: str = DEFAULT_NAME, *, create: bool = True) -> Conversation:
         return self.book.get(name, create=create)
@@ -86,126 +79,140 @@ class Chat:
         options: GenerationOptions | None = None,
         system_prompt: str | None = None,
         cell_id: str | None = None,
-        view: str | TextView | WidgetView | Callable[[], TextView | WidgetView] = "auto",
+        view: ViewChoice = "auto",
     ) -> Turn:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
-        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a view object, or a function making
-        one (called only once the message is known to fit, so an error leaves no empty widget).
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View`, or a
+        function making one (called only once the message is known to fit, so an error leaves
+        no empty widget).
         """
-        from IPython.core.error import UsageError
-
         if not message.strip():
-            raise UsageError("The message is empty; write your question in the cell body.")
-        model = self.model
+            raise QwenMagicError("The message is empty; write your question in the cell body.")
+        backend = self.backend
         options = options or GenerationOptions()
-        if not getattr(model.tokenizer, "chat_template", None) and not model.warned_no_template:
-            model.warned_no_template = True
-            print(
-                f"Note: {model.name} has no chat template; using a plain 'User:/Assistant:' prompt."
-            )
         chat = self.conversation(conversation)
-        # Fast mode's static cache is the context: the prompt and the reply must fit in it.
-        context = fast_cache_tokens(model, options) if options.fast else model.context_length
-        encoder = PromptEncoder(model)  # renders the prompt once: to fit it, then to generate
+        context = backend.context_length(options)
         try:
             messages, dropped = chat.fit(
                 message,
-                encoder.count,
+                backend.count_tokens,
                 context_length=context,
                 max_new_tokens=options.max_new_tokens,
                 cell_id=cell_id,
                 system_prompt=system_prompt,
             )
-        except UsageError as error:
-            if not options.fast or context == model.context_length:
-                raise
-            raise UsageError(
-                f"{error} (--fast holds {context} tokens in its static cache; raise "
-                "QwenMagics.fast_cache_tokens or leave out --fast.)"
-            ) from error
-        if (note := fast_mode_note(model, options)) is not None:
-            print(note)
-        generation = Generation(
-            model, messages, options, self._prompt_cache(model, chat), encoder=encoder
-        )
-        generation.stats.dropped_turns = dropped
-        if isinstance(view, str):
-            shown = make_view(view)
-        elif hasattr(view, "update"):  # a view object (TextView, WidgetView or your own)
-            shown = view
-        else:
-            shown = view()
-        if (on_stop := getattr(shown, "on_stop", None)) is not None:
-            on_stop(generation.cancel)  # the widget's Stop button
-        generation.on_wait = getattr(shown, "poll", None)  # Stop clicks, a wait counter
-        try:
-            for _chunk in generation:
-                shown.update(generation.text)
-        except KeyboardInterrupt:
-            turn = self._record(chat, message, generation, cell_id, options, interrupted=True)
-            shown.finish(f"{generation.text}\n\n{INTERRUPTED_NOTE}", generation.stats.footer())
+        except QwenMagicError as error:
+            if advice := backend.context_advice(options):
+                raise QwenMagicError(f"{error} ({advice})") from error
             raise
-        # A Stop click cancelled the generation: a normal end, recorded as interrupted.
-        stopped = generation.cancelled
-        turn = self._record(chat, message, generation, cell_id, options, interrupted=stopped)
-        text = f"{generation.text}\n\n{STOPPED_NOTE}" if stopped else generation.text
-        shown.finish(text, generation.stats.footer())
+        for notice in backend.notices(options):
+            print(notice)
+        reply = backend.start(
+            messages, options, conversation=id(chat) if self.reuse_cache else None
+        )
+        reply.stats.dropped_turns = dropped
+        shown = _make(view)
+        shown.start(reply)
+        pieces = iter(reply)
+        try:
+            for _piece in pieces:
+                shown.update(reply.text)
+        except KeyboardInterrupt:
+            _close(pieces)  # the work has ended before anything is recorded
+            turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
+            shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), reply.stats.footer())
+            raise
+        # A Stop click cancelled the reply: a normal end, recorded as interrupted.
+        stopped = reply.cancelled
+        turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=stopped)
+        text = _with_note(reply.text, STOPPED_NOTE, why_not) if stopped else reply.text
+        shown.finish(text, reply.stats.footer())
         return turn
-
-    def _prompt_cache(
-        self, model: loading.LoadedModel, conversation: Conversation
-    ) -> PromptCache | None:
-        if not self.reuse_cache:
-            return None
-        # Keyed by the conversation object: two chats never share a cache. (A reused id can only
-        # cost speed: PromptCache.take keeps just the prefix the new prompt really shares.)
-        key = id(conversation)
-        caches = model.prompt_caches
-        if key not in caches and len(caches) >= MAX_CACHED_CONVERSATIONS:
-            caches.pop(next(iter(caches)))  # forget the oldest conversation's cache
-        return caches.setdefault(key, PromptCache())
 
     def _record(
         self,
         chat: Conversation,
         message: str,
-        generation: Generation,
+        reply: Reply,
         cell_id: str | None,
         options: GenerationOptions,
         *,
         interrupted: bool,
-    ) -> Turn:
-        generation.stats.interrupted = interrupted or generation.stats.interrupted
+    ) -> tuple[Turn, str | None]:
+        """Record the reply as a turn; returns it, and why it was not recorded, if it was not:
+        a re-run cut short keeps the cell's earlier turn (and the turns after it), and a reply
+        cut short before its first word has nothing to keep."""
+        reply.stats.interrupted = interrupted or reply.stats.interrupted
         turn = Turn(
             user=message,
-            assistant=generation.text,
+            assistant=reply.text,
             cell_id=cell_id,
-            interrupted=generation.stats.interrupted,
-            model=self.model.name,
+            interrupted=reply.stats.interrupted,
+            model=self.backend.name,
             options=options.as_record(),
-            stats=generation.stats.as_record(),
+            stats=reply.stats.as_record(),
         )
+        if turn.interrupted and chat.turn_index_of_cell(cell_id) is not None:
+            return turn, "this cell's earlier turn stays"
+        if turn.interrupted and not turn.assistant:
+            return turn, "nothing was written yet"
         chat.record(turn)
-        return turn
+        return turn, None
 
 
-def describe(conversation: Conversation, count_tokens: Any = None) -> str:
-    """A short plain-text table of a conversation's turns."""
+def _close(pieces: Any) -> None:
+    """Close a reply's iterator early: its work is cancelled and waited for. A second
+    interrupt meanwhile changes nothing: the first is already on its way."""
+    close = getattr(pieces, "close", None)
+    if close is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            close()
+
+
+def _with_note(text: str, note: str, why_not_recorded: str | None) -> str:
+    if why_not_recorded:
+        note = note.replace(")*", f"; not recorded: {why_not_recorded})*")
+    return f"{text}\n\n{note}"
+
+
+def _make(view: ViewChoice) -> View:
+    if isinstance(view, str):
+        return make_view(view)
+    if isinstance(view, View):
+        return view
+    return view()
+
+
+#: How many of the latest turns ``%qwen_history`` shows unless asked for all.
+HISTORY_SHOWN = 20
+
+
+def describe(
+    conversation: Conversation, count_tokens: Any = None, *, last: int | None = HISTORY_SHOWN
+) -> str:
+    """A short plain-text table of a conversation's latest ``last`` turns (None: all)."""
+    turns = conversation.turns
     lines = [
-        f"Conversation {conversation.name!r}: {len(conversation)} "
-        f"turn{'s' * (len(conversation) != 1)}; "
+        f"Conversation {conversation.name!r}: {len(turns)} turn{'s' * (len(turns) != 1)}; "
         f"system prompt: {conversation.system_prompt!r}"
     ]
-    for number, turn in enumerate(conversation.turns, start=1):
+    first = 0 if last is None else max(0, len(turns) - last)
+    if first:
+        lines.append(f"     … {first} earlier turns (--all shows them)")
+    for number, turn in enumerate(turns[first:], start=first + 1):
         tokens = turn.stats.get("new_tokens", "?")
         mark = " (interrupted)" if turn.interrupted else ""
         lines.append(
             f"{number:>3}. user: {_clip(turn.user)} | assistant ({tokens} tokens){mark}: "
             f"{_clip(turn.assistant)}"
         )
-    if count_tokens is not None:
+    if count_tokens is not None and len(turns) <= HISTORY_SHOWN:
         lines.append(f"History: {count_tokens(conversation.messages())} tokens as a prompt.")
+    if conversation.left_out:
+        lines.append(
+            f"The last prompt left out the {conversation.left_out} oldest turns to fit the context."
+        )
     return "\n".join(lines)
 
 

@@ -13,8 +13,9 @@ A :class:`ConversationBook` holds a notebook's named conversations (``default`` 
 another), so one notebook can keep several independent chats.
 
 :meth:`Conversation.fit` keeps a prompt inside the model's context window: it counts tokens with
-the model's own tokenizer and drops the oldest turns (never the system prompt) until the history,
-the new message and the reply's token budget fit.
+the model's own tokenizer and leaves out the oldest turns (never the system prompt) until the
+history, the new message and the reply's token budget fit; in steps of a quarter of the context,
+so that follow-ups keep reusing the backend's cached prefix.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from IPython.core.error import UsageError
+from .errors import QwenMagicError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_NAME = "default"
@@ -57,13 +58,19 @@ class Conversation:
     name: str = DEFAULT_NAME
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     turns: list[Turn] = field(default_factory=list)
+    #: How many of the oldest turns the last prompt left out (kept while the rest fits).
+    left_out: int = field(default=0, repr=False, compare=False)
+    _token_memo: dict[int, tuple[Turn, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _counted_with: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.turns)
 
     def history_for(self, cell_id: str | None) -> list[Turn]:
         """The turns a new message from ``cell_id`` follows: all, or those before its old turn."""
-        index = self._index_of_cell(cell_id)
+        index = self.turn_index_of_cell(cell_id)
         return self.turns if index is None else self.turns[:index]
 
     def messages(
@@ -89,7 +96,7 @@ class Conversation:
 
         Returns how many turns were replaced (0 when it simply appended).
         """
-        index = self._index_of_cell(turn.cell_id)
+        index = self.turn_index_of_cell(turn.cell_id)
         if index is None:
             self.turns.append(turn)
             return 0
@@ -100,13 +107,14 @@ class Conversation:
     def pop(self) -> Turn:
         """Remove and return the last turn."""
         if not self.turns:
-            raise UsageError(f"Conversation {self.name!r} has no turns to remove.")
+            raise QwenMagicError(f"Conversation {self.name!r} has no turns to remove.")
         return self.turns.pop()
 
     def reset(self) -> int:
         """Forget every turn (the system prompt stays); returns how many were dropped."""
         dropped = len(self.turns)
         self.turns.clear()
+        self.left_out = 0
         return dropped
 
     def fit(
@@ -119,28 +127,74 @@ class Conversation:
         cell_id: str | None = None,
         system_prompt: str | None = None,
     ) -> tuple[list[dict[str, str]], int]:
-        """The longest recent history that fits the context, as messages, and how many turns
-        were left out. ``count_tokens`` renders messages with the chat template and counts.
+        """The recent history that fits the context, as messages, and how many of the oldest
+        turns were left out. ``count_tokens`` renders messages with the chat template and counts.
+
+        Each turn's tokens are counted once and remembered, and only the turns that can fit are
+        looked at, so a history of any length costs the same. Turns are left out in steps: once
+        the context overflows, enough of the oldest turns go to free a quarter of it, and they
+        stay out while the rest fits, so the prompt's start, and with it the backend's cached
+        prefix, stays the same from turn to turn.
         """
-        history = list(self.history_for(cell_id))
+        history = self.history_for(cell_id)
         budget = context_length - max_new_tokens
-        bare = self.messages(user, system_prompt=system_prompt, turns=[])
-        if count_tokens(bare) > budget:
-            raise UsageError(
-                f"The message alone takes {count_tokens(bare)} tokens, more than the "
-                f"{budget} this model has room for ({context_length} context − {max_new_tokens} "
-                "for the reply). Shorten it or lower --max-new-tokens."
+        bare = count_tokens(self.messages(user, system_prompt=system_prompt, turns=[]))
+        if bare > budget:
+            raise QwenMagicError(
+                f"The message alone takes {bare} tokens, more than the {budget} this model has "
+                f"room for ({context_length} context − {max_new_tokens} for the reply). "
+                "Shorten it or lower --max-new-tokens."
             )
-        dropped = 0
+        room = budget - bare
+        fits_from, _ = self._turns_within(history, count_tokens, room)
+        start = min(self.left_out, len(history))
+        if start < fits_from:  # overflow: leave out enough to free a quarter of the context
+            start, _ = self._turns_within(history, count_tokens, room - context_length // 4)
+            start = max(start, fits_from)
+        elif start > fits_from and self._tokens_from(history, start, count_tokens) < room // 2:
+            start = fits_from  # far more room than needed (a larger context): take turns back
+        self.left_out = start
         while True:
-            messages = self.messages(user, system_prompt=system_prompt, turns=history[dropped:])
-            excess = count_tokens(messages) - budget
-            if excess <= 0:
-                return messages, dropped
-            # Drop as many of the oldest turns as their own tokens cover, then count again.
-            while excess > 0 and dropped < len(history):
-                excess -= count_tokens(history[dropped].messages())
-                dropped += 1
+            messages = self.messages(user, system_prompt=system_prompt, turns=history[start:])
+            if start >= len(history) or count_tokens(messages) <= budget:
+                return messages, start
+            start += 1  # the turns' own counts fell short of the whole prompt's: one more out
+
+    def _turns_within(
+        self, history: list[Turn], count_tokens: Callable[..., int], room: int
+    ) -> tuple[int, int]:
+        """Where the newest turns that fit in ``room`` tokens start, and their tokens."""
+        start, total = len(history), 0
+        while start > 0:
+            cost = self._turn_tokens(history[start - 1], count_tokens)
+            if total + cost > room:
+                break
+            total += cost
+            start -= 1
+        return start, total
+
+    def _tokens_from(self, history: list[Turn], start: int, count_tokens: Callable) -> int:
+        return sum(self._turn_tokens(turn, count_tokens) for turn in history[start:])
+
+    def _turn_tokens(self, turn: Turn, count_tokens: Callable[..., int]) -> int:
+        """A turn's tokens in a prompt, counted once per tokenizer and remembered."""
+        counter = getattr(count_tokens, "__self__", count_tokens)
+        if counter is not self._counted_with:
+            self._token_memo.clear()
+            self._counted_with = counter
+        remembered = self._token_memo.get(id(turn))
+        if remembered is not None and remembered[0] is turn:
+            return remembered[1]
+        try:  # the turn's share of a prompt: with and without it, beside an empty system prompt
+            empty = [{"role": "system", "content": ""}]
+            tokens = count_tokens([*empty, *turn.messages()]) - count_tokens(empty)
+        except Exception:  # a chat template that refuses a system message: count it alone
+            tokens = count_tokens(turn.messages())
+        self._token_memo[id(turn)] = (turn, tokens)
+        if len(self._token_memo) > 2 * len(self.turns) + 64:  # forget removed turns
+            alive = {id(kept) for kept in self.turns}
+            self._token_memo = {k: v for k, v in self._token_memo.items() if k in alive}
+        return tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,7 +212,7 @@ class Conversation:
                 turns=[Turn(**turn) for turn in data["turns"]],
             )
         except (KeyError, TypeError) as error:
-            raise UsageError(f"Not a qwen_magic conversation ({error}).") from error
+            raise QwenMagicError(f"Not a qwen_magic conversation ({error}).") from error
 
     def to_markdown(self) -> str:
         """The conversation as a readable Markdown document."""
@@ -170,7 +224,8 @@ class Conversation:
             lines.append("")
         return "\n".join(lines)
 
-    def _index_of_cell(self, cell_id: str | None) -> int | None:
+    def turn_index_of_cell(self, cell_id: str | None) -> int | None:
+        """Where the turn asked by ``cell_id`` stands, if that cell has one."""
         if cell_id is None:
             return None
         for index, turn in enumerate(self.turns):
@@ -191,7 +246,7 @@ class ConversationBook:
         if name not in self.conversations:
             if not create:
                 known = ", ".join(sorted(self.conversations)) or "none yet"
-                raise UsageError(f"No conversation named {name!r} (known: {known}).")
+                raise QwenMagicError(f"No conversation named {name!r} (known: {known}).")
             self.conversations[name] = Conversation(name, self.default_system_prompt)
         return self.conversations[name]
 

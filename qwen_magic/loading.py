@@ -2,17 +2,16 @@
 
 A :class:`ModelSpec` names what to load: a hub id (``Qwen/Qwen2-7B-Instruct``), a local Hugging
 Face folder, a ``.gguf`` file, or ``demo`` (the offline demo model, see ``demo_model``), plus how
-(dtype, device, attention, revision, trust_remote_code). :func:`load` returns a
-:class:`LoadedModel` and keeps it as the kernel's current model:
-
-* the same spec again returns the cached object at once (``already_loaded`` is True);
-* a different spec is checked first (path, config, device, memory), so a mistake leaves the
-  current model usable; only then is the old model released (references dropped, ``gc``, CUDA
-  cache emptied) and the new one loaded.
+(dtype, device, attention, revision, trust_remote_code). :func:`load_model` returns a
+:class:`LoadedModel`: the spec is checked first (path, config, device, memory), so a mistake
+leaves the current model usable; only then is room made (the kernel's session releases the old
+model: references dropped, ``gc``, CUDA cache emptied) and the weights loaded. Keeping one model
+per kernel, and the same spec again being a no-op, is the session's rule
+(:mod:`qwen_magic.session`).
 
 Loading follows Qwen2's own recipe: ``AutoModelForCausalLM.from_pretrained(id, dtype="auto",
 device_map="auto")`` on CUDA, the tokenizer from the same place, ``trust_remote_code`` off
-unless asked for. Every user mistake is a one-line ``UsageError`` that says the fix.
+unless asked for. Every user mistake is a one-line ``QwenMagicError`` that says the fix.
 """
 
 from __future__ import annotations
@@ -27,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from IPython.core.error import UsageError
-
-from . import _state
+from .errors import QwenMagicError
 
 DEFAULT_GPU_MODEL = "Qwen/Qwen2-7B-Instruct"
 MODEL_ENV_VAR = "QWEN_MAGIC_MODEL"
@@ -53,11 +50,13 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not self.model.strip():
-            raise UsageError("Give a model: a hub id, a local folder, a .gguf file, or 'demo'.")
+            raise QwenMagicError("Give a model: a hub id, a local folder, a .gguf file, or 'demo'.")
         if self.dtype not in DTYPES:
-            raise UsageError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+            raise QwenMagicError(
+                f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}."
+            )
         if self.attention not in ATTENTIONS:
-            raise UsageError(
+            raise QwenMagicError(
                 f"Unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}."
             )
 
@@ -78,10 +77,6 @@ class LoadedModel:
     memory_bytes: int
     load_seconds: float
     notices: list[str] = field(default_factory=list)
-    already_loaded: bool = False
-    warned_no_template: bool = False
-    #: Each conversation's KV cache (``generation.PromptCache``), freed with the model.
-    prompt_caches: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> Any:
@@ -124,27 +119,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def current() -> LoadedModel | None:
-    """The kernel's loaded model, if any."""
-    return _state.loaded_model
-
-
-def require_current() -> LoadedModel:
-    """The kernel's loaded model, or a ``UsageError`` saying how to load one."""
-    if _state.loaded_model is None:
-        raise UsageError("No model is loaded yet; run %qwen_load first (e.g. %qwen_load demo).")
-    return _state.loaded_model
-
-
-def release() -> bool:
-    """Drop the kernel's model and free its memory; True if there was one."""
-    if _state.loaded_model is None:
-        return False
-    _state.loaded_model = None
-    free_memory()
-    return True
-
-
 def free_memory() -> None:
     """Collect unreachable tensors and hand CUDA's cached blocks back to the device."""
     gc.collect()
@@ -154,7 +128,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load(
+def model_spec(
     model: str | None = None,
     *,
     dtype: str = "auto",
@@ -162,10 +136,9 @@ def load(
     attention: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
-    progress: Progress | None = print,
-) -> LoadedModel:
-    """Load ``model`` (default: :func:`default_model_name`) once per kernel and return it."""
-    spec = ModelSpec(
+) -> ModelSpec:
+    """The spec for ``model`` (default: :func:`default_model_name`) and how to load it."""
+    return ModelSpec(
         model=(model or default_model_name()).strip(),
         dtype=dtype,
         device=device,
@@ -173,20 +146,27 @@ def load(
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
-    say = progress or (lambda _message: None)
-    cached = _state.loaded_model
-    if cached is not None and cached.spec == spec:
-        cached.already_loaded = True
-        return cached
-    del cached  # no reference of ours may keep the old model alive once it is released
 
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    progress: Progress | None = print,
+    make_room: Callable[[], None] = lambda: None,
+    freed_bytes: int = 0,
+) -> LoadedModel:
+    """Check ``spec`` without the weights, call ``make_room`` (e.g. release the model loaded
+    now, whose ``freed_bytes`` then count as free), and load the weights.
+
+    Every mistake that can be found before loading raises first, so ``make_room`` is called
+    only for a load that can start.
+    """
+    say = progress or (lambda _message: None)
     started = time.perf_counter()
-    plan = _plan(spec, say)
-    # Everything that can be checked without the weights passed: now make room for them.
-    release()
+    plan = check(spec, say, freed_bytes=freed_bytes)
+    make_room()
     loaded = _load_weights(spec, plan, say)
     loaded.load_seconds = time.perf_counter() - started
-    _state.loaded_model = loaded
     return loaded
 
 
@@ -204,8 +184,8 @@ class _Plan:
     notices: list[str]
 
 
-def _plan(spec: ModelSpec, say: Progress) -> _Plan:
-    """Resolve and check a spec without loading weights; raise ``UsageError`` on any mistake."""
+def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
+    """Resolve and check a spec without loading weights; raise ``QwenMagicError`` on any mistake."""
     import torch
 
     notices: list[str] = []
@@ -225,7 +205,7 @@ def _plan(spec: ModelSpec, say: Progress) -> _Plan:
             notices.append("float16 is slow on CPU; bfloat16 or float32 is the better choice.")
 
     attention = _attention(spec.attention, on_cuda, notices)
-    _check_memory(path, gguf_file, spec, on_cuda)
+    _check_memory(path, gguf_file, spec, on_cuda, freed_bytes)
     return _Plan(path, gguf_file, name, source, torch_dtype, device_map, attention, notices)
 
 
@@ -241,20 +221,20 @@ def _resolve_source(spec: ModelSpec, say: Progress) -> tuple[str, str | None, st
     if expanded.exists():
         if expanded.is_file():
             if expanded.suffix != ".gguf":
-                raise UsageError(
+                raise QwenMagicError(
                     f"{text} is a file but not a .gguf model; give a model folder, a .gguf file, "
                     "a hub id, or 'demo'."
                 )
             _check_gguf_magic(expanded)
             return str(expanded.parent), expanded.name, expanded.stem, str(expanded)
         if not (expanded / "config.json").is_file():
-            raise UsageError(
+            raise QwenMagicError(
                 f"{text} has no config.json, so it is not a Hugging Face model folder; "
                 "point at the folder that holds config.json and the weights."
             )
         return str(expanded), None, expanded.name, str(expanded)
     if text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1:
-        raise UsageError(f"No such file or folder: {text}. Check the path (or use 'demo').")
+        raise QwenMagicError(f"No such file or folder: {text}. Check the path (or use 'demo').")
     return text, None, text, f"hub:{text}" + (f"@{spec.revision}" if spec.revision else "")
 
 
@@ -262,7 +242,7 @@ def _check_gguf_magic(path: Path) -> None:
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != b"GGUF":
-        raise UsageError(
+        raise QwenMagicError(
             f"{path} is not a GGUF file (it does not start with 'GGUF'); it may be truncated "
             "or another format. Download it again."
         )
@@ -280,22 +260,22 @@ def _load_config(spec: ModelSpec, path: str, gguf_file: str | None) -> Any:
         )
     except Exception as error:
         if gguf_file:  # a damaged GGUF header fails in the parser with any error (struct.error)
-            raise UsageError(
+            raise QwenMagicError(
                 f"Could not read {gguf_file}: it looks corrupt or is not a supported model "
                 f"({_first_line(error)}). Download it again."
             ) from error
         if not isinstance(error, (OSError, ValueError, KeyError, RuntimeError)):
             raise
         if Path(path).exists():
-            raise UsageError(
+            raise QwenMagicError(
                 f"Could not read the model config in {path} ({_first_line(error)})."
             ) from error
         if "trust_remote_code" in str(error):
-            raise UsageError(
+            raise QwenMagicError(
                 f"{path} needs custom code from its repository; if you trust it, add "
                 "--trust-remote-code."
             ) from error
-        raise UsageError(
+        raise QwenMagicError(
             f"Could not get {path!r} from the Hugging Face Hub (unknown id, private, or no "
             "network). Check the id, log in with `hf auth login`, or use a local folder, "
             "a .gguf file, or 'demo'."
@@ -317,7 +297,7 @@ def _check_causal_lm(config: Any, model: str) -> None:
     if not architectures and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return
     kind = ", ".join(architectures) or getattr(config, "model_type", "unknown")
-    raise UsageError(
+    raise QwenMagicError(
         f"{model} is a {kind} model, not a chat (causal language) model; load a Qwen2 "
         "instruct model such as Qwen/Qwen2-7B-Instruct or 'demo'."
     )
@@ -332,7 +312,7 @@ def _device_map(device: str) -> Any:
         return "cpu"
     if text == "cuda" or text.startswith("cuda:") or text.isdigit():
         if not cuda_available():
-            raise UsageError(
+            raise QwenMagicError(
                 f"--device {text} asks for a GPU, but torch sees no CUDA device here; "
                 "use --device cpu (or install a CUDA build of torch on a GPU machine)."
             )
@@ -343,10 +323,10 @@ def _device_map(device: str) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError as error:
-            raise UsageError(
+            raise QwenMagicError(
                 f"--device {text} is not valid JSON for a device_map ({error.msg})."
             ) from error
-    raise UsageError(
+    raise QwenMagicError(
         f"Unknown device {text!r}; use auto, cpu, cuda, cuda:N, balanced, sequential, "
         "or a JSON device_map such as '{\"\": 0}'."
     )
@@ -386,17 +366,16 @@ def _stored_dtype(folder: Path) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def _check_memory(path: str, gguf_file: str | None, spec: ModelSpec, on_cuda: bool) -> None:
+def _check_memory(
+    path: str, gguf_file: str | None, spec: ModelSpec, on_cuda: bool, freed_bytes: int
+) -> None:
     """Refuse up front a local model that cannot fit, so the current model stays loaded."""
     needed = _estimated_weight_bytes(path, gguf_file, spec)
     if needed is None:
         return
-    available = _available_memory_bytes(on_cuda)
-    current_model = _state.loaded_model
-    if current_model is not None:
-        available += current_model.memory_bytes  # released before the new model loads
+    available = _available_memory_bytes(on_cuda) + freed_bytes  # the old model goes first
     if needed > available:
-        raise UsageError(
+        raise QwenMagicError(
             f"Not enough memory for {spec.model}: its weights need about {needed / 2**30:.1f} GiB "
             f"but about {available / 2**30:.1f} GiB is free. Use a smaller model or a smaller "
             "dtype (--dtype bfloat16), or free memory."
@@ -456,13 +435,13 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
         if is_out_of_memory(error):
             # The old model went before loading began; what is left is the partial new one.
             free_memory()
-            raise UsageError(
+            raise QwenMagicError(
                 f"Out of memory while loading {plan.name} ({spec.dtype} on {spec.device}); the "
                 "previous model was released. Try --dtype bfloat16, a smaller model, or "
                 "--device auto to spread it over GPU and CPU."
             ) from error
         if isinstance(error, (OSError, ValueError)) and plan.gguf_file:
-            raise UsageError(
+            raise QwenMagicError(
                 f"Could not load {plan.gguf_file}: {_first_line(error)}. The file may be corrupt."
             ) from error
         raise

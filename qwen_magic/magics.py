@@ -1,27 +1,51 @@
 """The IPython magics: argument parsing and reporting, nothing else.
 
 Every option is declared with ``magic_arguments``, so ``%qwen_load?`` and ``%%qwen?`` print the
-manual and an unknown flag is a one-line ``UsageError``. Defaults are config traitlets, settable
+manual and an unknown flag is a one-line ``QwenMagicError``. Defaults are config traitlets, settable
 with ``%config QwenMagics.max_new_tokens = 256`` or in ``ipython_config.py``.
-The work happens in plain objects: :mod:`qwen_magic.loading` and :class:`qwen_magic.chat.Chat`.
+The work happens in plain objects: the kernel's :class:`~qwen_magic.session.Session` (the
+backend, the conversations, the history file) and :class:`~qwen_magic.chat.Chat` (one turn).
 """
 
 from __future__ import annotations
 
+import functools
 import shlex
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading, persistence
-from .chat import Chat, describe
+from . import loading
+from . import session as kernel_session
+from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
+from .errors import QwenMagicError
+from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
+from .persistence import write_atomic
 from .view import make_view
+
+
+def one_line_errors(magic: Callable[..., Any]) -> Callable[..., Any]:
+    """Show the project's mistakes as IPython shows its own: one ``UsageError`` line.
+
+    IPython hides the traceback only for ``UsageError`` itself, not for subclasses such as
+    :class:`~qwen_magic.errors.QwenMagicError`, so each magic re-raises them as the base class.
+    """
+
+    @functools.wraps(magic)
+    def reporting(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return magic(*args, **kwargs)
+        except QwenMagicError as error:
+            raise UsageError(str(error)) from error
+
+    return reporting
 
 
 def current_cell_id(shell: Any) -> str | None:
@@ -41,7 +65,7 @@ def parse_argstring(magic: Any, line: str) -> Any:
     try:
         argv = shlex.split(line)
     except ValueError as error:
-        raise UsageError(f"Could not read the options ({error}); check the quotes.") from error
+        raise QwenMagicError(f"Could not read the options ({error}); check the quotes.") from error
     return magic.parser.parse_args(argv)
 
 
@@ -86,7 +110,7 @@ class QwenMagics(Magics):
         "step compiled with torch.compile on CUDA.",
     ).tag(config=True)
     fast_cache_tokens = CInt(
-        4096,
+        DEFAULT_FAST_CACHE_TOKENS,
         help="Fast mode's static cache size in tokens (prompt + reply), at most the model's "
         "context; allocated once per model, so changing it recompiles.",
     ).tag(config=True)
@@ -99,14 +123,21 @@ class QwenMagics(Magics):
         self.chat = Chat()
         self._attach_history()
 
+    @property
+    def session(self) -> kernel_session.Session:
+        """The kernel's session (it outlives this object across ``%reload_ext``)."""
+        return kernel_session.current()
+
     def _attach_history(self) -> None:
-        if self.autosave and (message := persistence.attach(self.shell, self.history_file)):
+        if self.autosave and (
+            message := self.session.attach_history(self.shell, self.history_file)
+        ):
             print(message)
 
     def _changed(self) -> None:
         """Save the conversations after a change, where a history file is attached."""
         if self.autosave:
-            persistence.autosave()
+            self.session.autosave()
 
     # -- loading -------------------------------------------------------------------------
 
@@ -140,17 +171,18 @@ class QwenMagics(Magics):
     )
     @argument("--quiet", action="store_true", help="Print only the summary line.")
     @line_magic
+    @one_line_errors
     def qwen_load(self, line: str = "") -> None:
         """Load a Qwen2-family chat model, once per kernel."""
         args = parse_argstring(self.qwen_load, line)
         say = (lambda _message: None) if args.quiet else print
         model = args.model or self.model or None
-        if model is None and loading.current() is None:
+        if model is None and self.session.loaded_model is None:
             say(
                 f"No model named: using {loading.default_model_name()} "
                 f"({loading.default_model_reason()})."
             )
-        loaded = loading.load(
+        loaded, fresh = self.session.load_model(
             model,
             dtype=args.dtype or self.dtype,
             device=args.device or self.device,
@@ -159,7 +191,7 @@ class QwenMagics(Magics):
             trust_remote_code=args.trust_remote_code,
             progress=say,
         )
-        if loaded.already_loaded:
+        if not fresh:
             print(f"{loaded.name} is already loaded; nothing to do.")
             return
         for notice in loaded.notices:
@@ -169,26 +201,30 @@ class QwenMagics(Magics):
     # -- chatting ------------------------------------------------------------------------
 
     @magic_arguments()
+    @argument_group("The reply")
     @argument("-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512).")
+    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
+    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
     @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature.")
     @argument("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1].")
     @argument("--top-k", type=int, default=None, help="Sample from the k likeliest tokens.")
     @argument("--repetition-penalty", type=float, default=None, help="Above 1 discourages repeats.")
     @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
-    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
-    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
+    @argument_group("The conversation")
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
+    @argument("--new", action="store_true", help="Start the conversation afresh.")
     @argument("-s", "--system", default=None, help="System prompt for this turn only.")
     @argument("--set-system", default=None, help="Set the conversation's system prompt.")
-    @argument("--new", action="store_true", help="Start the conversation afresh.")
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
-    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
+    @argument_group("The message and the result")
     @argument(
         "-i",
         "--interpolate",
         action="store_true",
         help="Replace $name and ${name} with Python variables; braces {} stay as written.",
     )
+    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
     @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @argument_group("Speed")
     @argument(
         "--fast",
         action="store_true",
@@ -196,16 +232,17 @@ class QwenMagics(Magics):
         "decoding after a slow first reply (compiling). Context: QwenMagics.fast_cache_tokens.",
     )
     @cell_magic
+    @one_line_errors
     def qwen(self, line: str, cell: str) -> None:
         """Send the cell to the model; the reply streams below and joins the conversation."""
         args = parse_argstring(self.qwen, line)
         message = cell.strip()
         if not message:
-            raise UsageError("The cell is empty; write your message below %%qwen.")
+            raise QwenMagicError("The cell is empty; write your message below %%qwen.")
         if args.interpolate:
             message = self._interpolate(message)
         if args.greedy and args.sample:
-            raise UsageError("Choose one of --greedy and --sample.")
+            raise QwenMagicError("Choose one of --greedy and --sample.")
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt
@@ -230,9 +267,7 @@ class QwenMagics(Magics):
         if args.out:
             self.shell.user_ns[args.out] = turn.assistant
 
-    def _options(self, args: Any, greedy: bool | None) -> Any:
-        from .generation import GenerationOptions
-
+    def _options(self, args: Any, greedy: bool | None) -> GenerationOptions:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
@@ -252,32 +287,33 @@ class QwenMagics(Magics):
         try:
             return string.Template(message).substitute(self.shell.user_ns)
         except KeyError as error:
-            raise UsageError(
+            raise QwenMagicError(
                 f"--interpolate: no variable {error.args[0]!r}; define it, or write $$ for a "
                 "literal $."
             ) from error
         except ValueError as error:
-            raise UsageError(f"--interpolate: {error}; write $$ for a literal $.") from error
+            raise QwenMagicError(f"--interpolate: {error}; write $$ for a literal $.") from error
 
     # -- the conversation ----------------------------------------------------------------
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument("--all", action="store_true", help="Show every turn, not only the latest ones.")
     @line_magic
+    @one_line_errors
     def qwen_history(self, line: str = "") -> None:
-        """Show a conversation's turns and token counts."""
+        """Show a conversation's latest turns and token counts."""
         args = parse_argstring(self.qwen_history, line)
         conversation = self.chat.conversation(args.conversation, create=False)
-        from .generation import count_prompt_tokens
-
-        loaded = loading.current()
-        counter = (lambda m: count_prompt_tokens(loaded, m)) if loaded else None
-        print(describe(conversation, counter))
+        backend = self.session.backend
+        counter = backend.count_tokens if backend is not None else None
+        print(describe(conversation, counter, last=None if args.all else HISTORY_SHOWN))
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
     @argument("--all", action="store_true", help="Reset every conversation of this notebook.")
     @line_magic
+    @one_line_errors
     def qwen_reset(self, line: str = "") -> None:
         """Forget a conversation's turns (its system prompt stays)."""
         args = parse_argstring(self.qwen_reset, line)
@@ -289,6 +325,7 @@ class QwenMagics(Magics):
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
     @line_magic
+    @one_line_errors
     def qwen_pop(self, line: str = "") -> None:
         """Remove the last turn of a conversation."""
         args = parse_argstring(self.qwen_pop, line)
@@ -300,6 +337,7 @@ class QwenMagics(Magics):
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
     @argument("prompt", nargs="*", help="The new system prompt (none: show the current one).")
     @line_magic
+    @one_line_errors
     def qwen_system(self, line: str = "") -> None:
         """Show or set a conversation's system prompt."""
         args = parse_argstring(self.qwen_system, line)
@@ -314,53 +352,33 @@ class QwenMagics(Magics):
     @magic_arguments()
     @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
     @line_magic
+    @one_line_errors
     def qwen_save(self, line: str = "") -> None:
         """Save every conversation of this notebook to a JSON file."""
         args = parse_argstring(self.qwen_save, line)
-        path = self._history_target(args.file)
-        if path.exists():
-            persistence.read_book(path)  # refuses, untouched, a file that is not ours
-        persistence.write_atomic(path, persistence.book_to_json(self.chat.book))
-        print(f"Saved {persistence.summary(self.chat.book)} to {path}.")
+        path = self.session.history_target(args.file, self.history_file)
+        print(f"Saved {self.session.save(path)} to {path}.")
 
     @magic_arguments()
     @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
     @line_magic
+    @one_line_errors
     def qwen_restore(self, line: str = "") -> None:
         """Replace this notebook's conversations with those saved in a JSON file."""
         args = parse_argstring(self.qwen_restore, line)
-        path = self._history_target(args.file)
-        book = persistence.read_book(path)
-        book.default_system_prompt = self.system_prompt
-        from . import _state
-
-        _state.conversations = book
-        if (loaded := loading.current()) is not None:
-            loaded.prompt_caches.clear()  # the old conversations' caches can no longer be used
-        print(f"Restored {persistence.summary(book)} from {path}.")
+        path = self.session.history_target(args.file, self.history_file)
+        self.session.conversations.default_system_prompt = self.system_prompt
+        print(f"Restored {self.session.restore(path)} from {path}.")
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
     @argument("file", help="Markdown file to write, e.g. chat.md.")
     @line_magic
+    @one_line_errors
     def qwen_export(self, line: str = "") -> None:
         """Write a conversation as a Markdown document."""
         args = parse_argstring(self.qwen_export, line)
         conversation = self.chat.conversation(args.conversation, create=False)
         path = Path(args.file).expanduser()
-        persistence.write_atomic(path, conversation.to_markdown())
+        write_atomic(path, conversation.to_markdown())
         print(f"Wrote {len(conversation)} turns of {conversation.name!r} to {path}.")
-
-    def _history_target(self, file: str | None) -> Path:
-        if file:
-            return Path(file).expanduser()
-        from . import _state
-
-        if self.history_file:
-            return Path(self.history_file).expanduser()
-        if _state.history_store is not None:
-            return _state.history_store.path
-        raise UsageError(
-            "This frontend does not say which notebook runs, so there is no default file; "
-            "give one, e.g. %qwen_save chat.qwen.json."
-        )

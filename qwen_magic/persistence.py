@@ -4,7 +4,9 @@ A notebook's conversations are saved as JSON beside it, ``analysis.ipynb`` →
 ``analysis.qwen.json``, after every turn, and read back when the extension is loaded in a new
 kernel for that notebook. The kernel learns its notebook from ``JPY_SESSION_NAME`` (set by
 Jupyter Server, so JupyterLab and Notebook have it) or ``__session__``; elsewhere nothing is saved
-automatically, and ``%qwen_save FILE`` / ``%qwen_restore FILE`` work by hand.
+automatically, and ``%qwen_save FILE`` / ``%qwen_restore FILE`` work by hand. The kernel's
+:class:`~qwen_magic.session.Session` attaches a :class:`HistoryStore` and saves through it; this
+module knows files and JSON, not kernels.
 
 Writes are atomic: a temporary file in the same folder, flushed, then ``os.replace``, so a crash
 leaves either the old file or the new one. A file that is not a qwen_magic conversation file
@@ -20,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from IPython.core.error import UsageError
-
 from .conversation import Conversation, ConversationBook
+from .errors import QwenMagicError
 
 FORMAT = "qwen_magic.conversations"
 VERSION = 1
@@ -54,23 +55,23 @@ def book_to_json(book: ConversationBook) -> str:
 
 
 def read_book(path: Path) -> ConversationBook:
-    """Read a conversation file; a ``UsageError`` if it is missing, corrupt or foreign."""
+    """Read a conversation file; a ``QwenMagicError`` if it is missing, corrupt or foreign."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
-        raise UsageError(f"No conversation file at {path}.") from error
+        raise QwenMagicError(f"No conversation file at {path}.") from error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(
+        raise QwenMagicError(
             f"{path} is not readable JSON ({error}); it was left untouched. Move it aside to "
             "start a new history for this notebook."
         ) from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UsageError(
+        raise QwenMagicError(
             f"{path} is not a qwen_magic conversation file; it was left untouched. Move it "
             "aside, or save to another file with %qwen_save FILE."
         )
     if data.get("version") != VERSION:
-        raise UsageError(
+        raise QwenMagicError(
             f"{path} has format version {data.get('version')!r}, this qwen_magic reads "
             f"version {VERSION}; upgrade qwen_magic or move the file aside."
         )
@@ -79,7 +80,7 @@ def read_book(path: Path) -> ConversationBook:
         for name, chat in data["conversations"].items():
             book.conversations[name] = Conversation.from_dict(chat)
     except (AttributeError, KeyError, TypeError) as error:
-        raise UsageError(f"{path} is damaged ({error}); it was left untouched.") from error
+        raise QwenMagicError(f"{path} is damaged ({error}); it was left untouched.") from error
     return book
 
 
@@ -112,7 +113,7 @@ class HistoryStore:
         if self.path.exists():
             try:
                 read_book(self.path)
-            except UsageError as error:
+            except QwenMagicError as error:
                 self.refused = str(error)
 
     def save(self, book: ConversationBook) -> bool:
@@ -128,7 +129,7 @@ class HistoryStore:
             return None
         try:
             return read_book(self.path)
-        except UsageError as error:
+        except QwenMagicError as error:
             self.refused = str(error)
             raise
 
@@ -138,44 +139,3 @@ def summary(book: ConversationBook) -> str:
     turns = sum(len(chat) for chat in book.conversations.values())
     count = len(book.conversations)
     return f"{turns} turn{'s' * (turns != 1)} in {count} conversation{'s' * (count != 1)}"
-
-
-def attach(shell: Any, explicit: str | None = None) -> str | None:
-    """Start saving this kernel's conversations to the notebook's history file.
-
-    Restores the file's conversations when this kernel has none yet. Returns a line to show
-    the user (restored, or why the file was refused), or None when there is nothing to say.
-    """
-    from . import _state
-    from .chat import notebook_conversations
-
-    if explicit:
-        path = Path(explicit).expanduser()
-    elif (notebook := notebook_path(shell)) is not None:
-        path = history_path_for(notebook)
-    else:
-        return None
-    store = _state.history_store
-    if store is not None and store.path == path:
-        return None
-    store = HistoryStore(path)
-    _state.history_store = store
-    book = notebook_conversations()
-    try:
-        saved = store.load()
-    except UsageError as error:
-        return f"Not saving conversations: {error}"
-    if saved is not None and not any(book.conversations.values()):
-        saved.default_system_prompt = book.default_system_prompt
-        _state.conversations = saved
-        return f"Restored {summary(saved)} from {path}."
-    return None
-
-
-def autosave() -> None:
-    """Save the kernel's conversations if a history file is attached (after every change)."""
-    from . import _state
-
-    store = _state.history_store
-    if store is not None and _state.conversations is not None:
-        store.save(_state.conversations)

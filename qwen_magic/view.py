@@ -9,13 +9,17 @@ are emptied and closed, and the reply is displayed as an ordinary Markdown outpu
 one-line footer, so the saved notebook reads well anywhere (GitHub, nbconvert) and not only where
 widgets render.
 
-The Stop button needs help to work at all: a click reaches the kernel as a ``comm_msg`` on the
-shell channel, and the kernel's main thread, which handles that channel, is busy running this
-very cell. :class:`CommPump` lets the cell's thread handle the button's own messages each time
-the view is updated, and leaves every other message (the next cell's ``execute_request``
-included) queued in order, as if nothing had happened.
+The Stop button needs help to work at all, since the kernel's main thread is busy running this
+very cell: :class:`~qwen_magic.comm_pump.CommPump` handles the button's clicks from the cell's
+thread whenever the view is updated or waits.
 
-:class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives.
+:class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives;
+:class:`NullView` shows nothing (scripts, benchmarks, tests about turns rather than display).
+
+Every view is a :class:`View`, the explicit protocol the chat layer uses, in the manner of
+transformers' ``BaseStreamer``: :meth:`View.start` once the reply begins (a view may hook its Stop
+button to ``reply.cancel`` and its waiting to ``reply.on_wait``), :meth:`View.update` with the
+text so far, :meth:`View.finish` with the final text and the footer.
 
 :func:`make_view` picks one: ``"auto"`` means the widget where a Jupyter kernel with ipywidgets
 runs, text elsewhere.
@@ -23,20 +27,37 @@ runs, text elsewhere.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
+
+from .backend import Reply
+from .comm_pump import CommPump
 
 CURSOR = " ▌"
 #: Waiting this long for the first token (a long prompt; --fast compiling) shows a counter.
 WAIT_NOTICE_SECONDS = 1.0
 
-log = logging.getLogger(__name__)
+
+class View:
+    """Where a reply is shown: started once, updated with the text so far, finished once."""
+
+    def start(self, reply: Reply) -> None:
+        """The reply begins; hook controls to it here (e.g. a Stop button to ``reply.cancel``)."""
+
+    def update(self, text: str) -> None:
+        """Show ``text``, the whole reply so far."""
+
+    def finish(self, text: str, footer: str) -> None:
+        """Show the final ``text`` and a one-line ``footer``."""
 
 
-class TextView:
+class NullView(View):
+    """Shows nothing."""
+
+
+class TextView(View):
     """Streams chunks to stdout; the footer follows on its own line."""
 
     def __init__(self, stream: Any = None) -> None:
@@ -56,122 +77,7 @@ class TextView:
         self.stream.flush()
 
 
-class CommPump:
-    """Handles some widgets' messages from the frontend while the cell's own thread is busy.
-
-    ipykernel 7 reads the shell socket on a thread of its own and passes every message meant for
-    the main thread through one in-process socket, read by a ``ZMQStream`` on the main thread's
-    event loop; that stream's callback only *queues* each message behind a lock the running cell
-    holds. :meth:`poll`, called from the cell's thread, drains that stream with pyzmq's public
-    ``ZMQStream.flush`` (which ipykernel's ``_abort_queues`` uses too) through a filter:
-
-    * a ``comm_msg`` addressed to one of our comms is handled at once, by the kernel's own
-      ``comm_msg`` handler (so the widget's ``on_click`` runs, on this thread);
-    * every other message (another cell's ``execute_request``, other widgets' traffic, ipykernel's
-      "stop aborting" marker) goes to the stream's own callback, unchanged and in arrival order,
-      which queues it exactly as the event loop would have a moment later.
-
-    The peek deserializes with ``content=False``, which leaves the message's signature
-    unrecorded, so the kernel still accepts the message later (it refuses a signature seen
-    twice). Nothing is held between polls, so whatever ends the cell
-    (an error, Ctrl-C) loses or reorders no message. :meth:`attach` returns ``None`` outside a
-    kernel, or where the kernel is not laid out this way (ipykernel 6, other kernels); then
-    nothing is pumped and :class:`WidgetView` shows no Stop button.
-
-    The pump runs when the view is updated and whenever the reading loop waits for a token
-    (every ``Generation.poll_seconds``), so a click is handled within a fraction of a second,
-    during a long prefill too.
-    """
-
-    def __init__(self, kernel: Any, stream: Any, comm_ids: Iterable[str]) -> None:
-        self.kernel = kernel
-        self.stream = stream
-        self.comm_ids = set(comm_ids)
-        self.handled = 0
-        self._deferred: BaseException | None = None
-
-    @classmethod
-    def attach(cls, widgets: Iterable[Any]) -> CommPump | None:
-        """A pump for ``widgets`` in the running kernel, or ``None`` where there is none."""
-        try:
-            from IPython import get_ipython
-            from tornado.ioloop import IOLoop
-        except ImportError:  # pragma: no cover
-            return None
-        kernel = getattr(get_ipython(), "kernel", None)
-        if kernel is None or getattr(kernel, "session", None) is None:
-            return None
-        try:
-            stream = _cell_thread_stream(kernel)
-            comm_ids = [widget.comm.comm_id for widget in widgets]
-        except Exception:  # a kernel laid out differently: no pump, no harm
-            return None
-        if (
-            stream is None
-            or getattr(stream, "_recv_callback", None) is None
-            or stream.io_loop is not IOLoop.current(instance=False)  # only the stream we own
-            or "comm_msg" not in getattr(kernel, "shell_handlers", {})
-        ):
-            return None
-        return cls(kernel, stream, comm_ids)
-
-    def poll(self) -> int:
-        """Handle our widgets' pending messages now; queue the rest in order. Returns the count."""
-        import zmq
-
-        stream = self.stream
-        queue_message = stream._recv_callback  # pyzmq keeps no public getter for it
-        copy = getattr(stream, "_recv_copy", False)
-        handled = self.handled
-        stream.on_recv(lambda frames: self._route(frames, queue_message), copy=False)
-        try:
-            stream.flush(zmq.POLLIN)  # receive only: the kernel's own sends are not ours
-        except BaseException:
-            # Interrupted between two messages: let the event loop fetch the rest once it runs.
-            stream.io_loop.add_callback(stream.flush, zmq.POLLIN)
-            raise
-        finally:
-            stream.on_recv(queue_message, copy=copy)
-        if self._deferred is not None:  # Ctrl-C during a click handler: raise it now, safely
-            error, self._deferred = self._deferred, None
-            raise error
-        return self.handled - handled
-
-    def _route(self, frames: list[Any], queue_message: Callable[[list[Any]], Any]) -> Any:
-        session = self.kernel.session
-        try:
-            idents, rest = session.feed_identities(frames, copy=False)
-            header = session.deserialize(rest, content=False, copy=False)
-            ours = (
-                header["msg_type"] == "comm_msg"
-                and session.unpack(header["content"]).get("comm_id") in self.comm_ids
-            )
-        except Exception:  # not a message we can read (e.g. the "stop aborting" marker)
-            ours = False
-        if not ours:
-            return queue_message(frames)  # a coroutine; the stream schedules it, as it always does
-        try:
-            message = session.deserialize(rest, content=True, copy=False)
-            self.kernel.shell_handlers["comm_msg"](self.stream, idents, message)
-            self.handled += 1
-        except Exception:
-            log.exception("qwen_magic: could not handle a widget message")
-        except BaseException as error:  # never leave the stream half-flushed
-            self._deferred = error
-        return None
-
-
-def _cell_thread_stream(kernel: Any) -> Any:
-    """The ``ZMQStream`` delivering shell messages to the thread running this cell (ipykernel 7)."""
-    channel_thread = getattr(kernel, "shell_channel_thread", None)
-    if channel_thread is None:  # not ipykernel 7's layout: leave it alone
-        return None
-    parent = kernel.get_parent("shell") or {}
-    subshell_id = (parent.get("header") or {}).get("subshell_id")  # None: the main shell
-    return channel_thread.manager.get_shell_channel_to_subshell_pair(subshell_id).to_stream
-
-
-class WidgetView:
+class WidgetView(View):
     """A live Markdown area with a Stop button, throttled, then a plain Markdown output."""
 
     def __init__(self, redraw_seconds: float = 0.15, *, stop_button: bool = True) -> None:
@@ -207,8 +113,13 @@ class WidgetView:
         bundle["text/plain"] = ""
         display(bundle, raw=True)
 
+    def start(self, reply: Reply) -> None:
+        """The Stop button cancels ``reply``; its waits handle clicks and count the seconds."""
+        self.on_stop(reply.cancel)
+        reply.on_wait = self.poll
+
     def on_stop(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (e.g. ``Generation.cancel``) when the Stop button is clicked."""
+        """Call ``callback`` (e.g. ``Reply.cancel``) when the Stop button is clicked."""
         self._on_stop = callback
 
     def _stop_clicked(self, _button: Any) -> None:
@@ -277,7 +188,7 @@ def in_widget_frontend() -> bool:
     return True
 
 
-def make_view(mode: str = "auto", redraw_seconds: float = 0.15) -> TextView | WidgetView:
+def make_view(mode: str = "auto", redraw_seconds: float = 0.15) -> View:
     """``"widget"``, ``"text"``, or ``"auto"`` (widget in a Jupyter kernel, text elsewhere)."""
     if mode == "widget" or (mode == "auto" and in_widget_frontend()):
         return WidgetView(redraw_seconds)

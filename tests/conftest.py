@@ -60,22 +60,24 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, demo_path: Path) -
 
 @pytest.fixture
 def fresh_state():
-    """Each test starts with no model loaded and no conversations, and leaves none behind."""
-    from qwen_magic import _state, loading
+    """Each test starts with a new kernel session (no model, no conversations, no history
+    file) and leaves none behind; yields that session."""
+    from qwen_magic import _state, session
 
-    loading.release()
-    _state.conversations = None
-    yield _state
-    loading.release()
-    _state.conversations = None
+    if _state.session is not None:
+        _state.session.release()
+    _state.session = None
+    yield session.current()
+    if _state.session is not None:
+        _state.session.release()
+    _state.session = None
 
 
 @pytest.fixture
 def tiny(fresh_state, tiny_model_path: Path):
     """The tiny model loaded as the kernel's model."""
-    from qwen_magic import loading
-
-    return loading.load(str(tiny_model_path), device="cpu", progress=None)
+    loaded, _fresh = fresh_state.load_model(str(tiny_model_path), device="cpu", progress=None)
+    return loaded
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-class QuietView:
-    """A view that shows nothing: for tests about turns and caches, not about display."""
-
-    def update(self, text: str) -> None:
-        pass
-
-    def finish(self, text: str, footer: str) -> None:
-        pass
-
-
 def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
     """Record the keyword arguments of every ``model.generate`` call, then call through."""
     calls: list[dict] = []
@@ -40,19 +30,26 @@ def compile_on_any_device() -> Any:
 
 
 def load_aside(spec: str, **options: Any) -> Any:
-    """Load a model once for many tests, then take it out of the kernel's one-model cache:
-    each test installs it with :func:`install` (so a test that loads another model cannot
-    release it for the others)."""
-    from qwen_magic import _state, loading
+    """Load a model once for many tests, outside the kernel's session: each test installs it
+    with :func:`install` (so a test that loads another model cannot release it for the
+    others)."""
+    from qwen_magic import loading
 
-    loading.release()
-    loaded = loading.load(spec, progress=None, **options)
-    _state.loaded_model = None
+    return loading.load_model(loading.model_spec(spec, **options), progress=None)
+
+
+def install(session: Any, loaded: Any) -> Any:
+    """Make ``loaded`` the session's model, as a fresh ``%qwen_load`` would (new caches)."""
+    from qwen_magic.kernel_backend import KernelBackend
+
+    session.backend = KernelBackend(loaded)
     return loaded
 
 
-def install(state: Any, loaded: Any) -> Any:
-    """Make ``loaded`` the kernel's current model, as a fresh ``%qwen_load`` would."""
-    state.loaded_model = loaded
-    loaded.already_loaded = False
-    return loaded
+def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) -> Any:
+    """Begin a reply with the kernel session's backend (what ``Chat.ask`` does after fitting)."""
+    import qwen_magic
+    from qwen_magic.options import GenerationOptions
+
+    backend = qwen_magic.current_session().require_backend()
+    return backend.start(messages, options or GenerationOptions(), **kwargs)

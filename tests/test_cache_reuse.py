@@ -7,25 +7,22 @@ import itertools
 import pytest
 import torch
 
+from qwen_magic.caches import PromptCache
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.generation import (
-    Generation,
-    GenerationOptions,
-    PromptCache,
-    _cache_argument,
-    prompt_inputs,
-)
-
-from .helpers import QuietView
+from qwen_magic.encoding import encode
+from qwen_magic.generation import Generation, _cache_argument
+from qwen_magic.options import GenerationOptions
+from qwen_magic.session import current as session
+from qwen_magic.view import NullView
 
 GREEDY = GenerationOptions(max_new_tokens=12, do_sample=False)
 QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?", "Why?"]
 
 
 def chat_through(model, reuse: bool, questions=QUESTIONS, options=GREEDY):
-    chat = Chat(model, ConversationBook(), reuse_cache=reuse)
-    return chat, [chat.ask(q, options=options, view=QuietView()) for q in questions]
+    chat = Chat(book=ConversationBook(), reuse_cache=reuse)
+    return chat, [chat.ask(q, options=options, view=NullView()) for q in questions]
 
 
 def test_follow_ups_prefill_only_new_tokens(tiny):
@@ -50,15 +47,15 @@ def test_greedy_replies_are_identical_with_and_without_reuse(tiny):
 def test_reused_cache_gives_the_same_logits_as_a_full_prefill(tiny):
     """After cropping to the shared prefix, the cached forward pass equals a fresh one."""
     messages = [{"role": "user", "content": "Count to three."}]
-    slot = PromptCache()
-    first = Generation(tiny, messages, GREEDY, slot)
+    slot = PromptCache(tiny.model.config)
+    first = Generation(tiny, encode(tiny.tokenizer, messages), GREEDY, slot)
     first.run()
     follow_up = [
         *messages,
         {"role": "assistant", "content": first.text},
         {"role": "user", "content": "And back down."},
     ]
-    ids = prompt_inputs(tiny, follow_up)["input_ids"]
+    ids = torch.tensor([encode(tiny.tokenizer, follow_up)])
     cache, kept = slot.take(ids[0].tolist())
     assert 0 < kept < ids.shape[1]
     assert cache.get_seq_length() == kept
@@ -73,10 +70,10 @@ def test_popped_and_replaced_turns_invalidate_the_cached_part(tiny):
     chat, turns = chat_through(tiny, reuse=True, questions=QUESTIONS[:3])
     chat.conversation().pop()
     chat.conversation().pop()
-    after_pop = chat.ask("Something else.", options=GREEDY, view=QuietView())
+    after_pop = chat.ask("Something else.", options=GREEDY, view=NullView())
     assert after_pop.stats["cached_prompt_tokens"] < turns[1].stats["prompt_tokens"]
     fresh_chat, _ = chat_through(tiny, reuse=False, questions=QUESTIONS[:1])
-    fresh = fresh_chat.ask("Something else.", options=GREEDY, view=QuietView())
+    fresh = fresh_chat.ask("Something else.", options=GREEDY, view=NullView())
     assert after_pop.assistant == fresh.assistant
 
 
@@ -90,9 +87,9 @@ def test_a_failed_generation_drops_the_cache(tiny, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tiny.model, "generate", broken)
         with pytest.raises(RuntimeError):
-            chat.ask("Fail.", options=GREEDY, view=QuietView())
-    assert tiny.prompt_caches[id(chat.conversation())].cache is None
-    turn = chat.ask("Recover.", options=GREEDY, view=QuietView())
+            chat.ask("Fail.", options=GREEDY, view=NullView())
+    assert session().backend.prompt_caches[id(chat.conversation())].cache is None
+    turn = chat.ask("Recover.", options=GREEDY, view=NullView())
     assert turn.stats["cached_prompt_tokens"] == 0
     assert len(chat.conversation()) == 2
 

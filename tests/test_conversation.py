@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from IPython.core.error import UsageError
 
@@ -143,3 +145,50 @@ def test_book_uses_its_default_system_prompt_for_new_conversations():
     """A new conversation takes the book's default system prompt."""
     book = ConversationBook(default_system_prompt="Speak French.")
     assert book.get("fr").system_prompt == "Speak French."
+
+
+def test_after_an_overflow_the_same_oldest_turns_stay_out():
+    """Once the context overflows, a quarter of it is freed at once, and the following turns
+    keep the same first turn (so a backend's cached prefix still matches)."""
+    chat = Conversation(system_prompt="sys")
+    starts = []
+    for number in range(100):  # about 28 tokens a turn, 2,800 in all
+        messages, dropped = chat.fit(f"q{number}", words, context_length=1000, max_new_tokens=20)
+        assert words(messages) <= 980
+        starts.append(dropped)
+        chat.record(Turn(f"question {number} " + "word " * 8, f"answer {number} " + "x " * 8))
+    steps = [b - a for a, b in itertools.pairwise(starts) if b != a]
+    assert steps, "the history never overflowed"
+    overflowing = sum(1 for start in starts if start)  # turns that left something out
+    assert len(steps) <= overflowing // 6  # in steps, not one turn per turn
+    assert all(step * 28 >= 1000 // 4 - 28 for step in steps)  # a quarter of the context each
+
+
+def test_each_turn_is_counted_once_however_long_the_history():
+    """Fitting a long history counts each turn's tokens once, and later fits count only the
+    new turn: the cost does not grow with the number of turns."""
+    calls = []
+
+    def counting(messages):
+        calls.append(len(messages))
+        return words(messages)
+
+    chat = Conversation(system_prompt="sys")
+    chat.turns = [Turn(f"question {n}", f"answer {n}") for n in range(20_000)]
+    chat.fit("new", counting, context_length=500, max_new_tokens=50)
+    first = len(calls)
+    assert first < 400  # only the turns that can fit were looked at, not 20,000
+    chat.record(Turn("another", "reply"))
+    calls.clear()
+    chat.fit("newer", counting, context_length=500, max_new_tokens=50)
+    assert len(calls) <= 8  # the bare message, the new turn, the final prompt
+
+
+def test_a_larger_context_takes_left_out_turns_back():
+    """Turns left out for a small context come back when the context grows (e.g. after
+    leaving --fast's small static cache)."""
+    chat = Conversation(system_prompt="sys")
+    chat.turns = [Turn(f"question {n} word word", f"answer {n}") for n in range(40)]
+    _, small = chat.fit("q", words, context_length=100, max_new_tokens=10)
+    _, large = chat.fit("q", words, context_length=10_000, max_new_tokens=10)
+    assert small > 0 and large == 0

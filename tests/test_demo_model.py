@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import _state, demo_model
+from qwen_magic import demo_model
 from qwen_magic.demo_model import (
     DEMO_NAME,
     FORMAT_VERSION,
@@ -37,16 +37,18 @@ from qwen_magic.demo_model import (
     part_paths,
     write_manifest,
 )
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.session import current as session
 
 BIG = 1 << 20  # files above this are stood in for by sparse files of the same size
 FAKE_GGUF = b"GGUF fake parts"
 
 
 def usage_error(call, *args, **kwargs) -> str:
-    """Run ``call``; it must raise exactly ``UsageError`` with a one-line message, returned."""
+    """Run ``call``; it must raise the project's one-line error (a ``UsageError``), returned."""
     with pytest.raises(UsageError) as info:
         call(*args, **kwargs)
-    assert type(info.value) is UsageError
+    assert type(info.value) is QwenMagicError
     message = str(info.value)
     assert "\n" not in message.strip()
     return message
@@ -441,10 +443,10 @@ def test_failed_rebuild_keeps_the_old_folder_incomplete(demo_path, tmp_path, mon
 def test_qwen_load_demo_answers_and_loads_once(shell, demo_path, capsys):
     """%qwen_load demo loads the real model, which answers "Paris"; a second call is a no-op."""
     import qwen_magic
-    from qwen_magic.generation import GenerationOptions
+    from qwen_magic.options import GenerationOptions
 
     shell.run_line_magic("qwen_load", "demo")
-    loaded = _state.loaded_model
+    loaded = session().loaded_model
     assert loaded.name == f"{DEMO_NAME} (offline demo)"
     assert loaded.source == str(demo_path)
     assert loaded.dtype == "bfloat16"
@@ -461,7 +463,7 @@ def test_qwen_load_demo_answers_and_loads_once(shell, demo_path, capsys):
     started = time.perf_counter()
     shell.run_line_magic("qwen_load", "demo")
     seconds = time.perf_counter() - started
-    assert _state.loaded_model is loaded
+    assert session().loaded_model is loaded
     assert f"{loaded.name} is already loaded" in capsys.readouterr().out
     print(f"second %qwen_load demo took {seconds * 1000:.1f} ms")
     assert seconds < 1.0

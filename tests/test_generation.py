@@ -11,14 +11,12 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
-from qwen_magic.generation import (
-    Generation,
-    GenerationOptions,
-    count_prompt_tokens,
-    plain_prompt,
-)
+from qwen_magic.encoding import PromptEncoder, encode, plain_prompt
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.options import GenerationOptions
+from qwen_magic.view import NullView
 
-from .helpers import QuietView, compile_on_any_device, spy_on_generate
+from .helpers import compile_on_any_device, spy_on_generate, start
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -54,8 +52,8 @@ def test_a_turn_renders_its_prompt_once(tiny, monkeypatch):
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
 
-    chat = Chat(tiny, ConversationBook())
-    chat.ask("Hello.", options=GenerationOptions(4), view=QuietView())
+    chat = Chat(book=ConversationBook())
+    chat.ask("Hello.", options=GenerationOptions(4), view=NullView())
     rendered: list[list[dict]] = []
     real = tiny.tokenizer.apply_chat_template
 
@@ -64,44 +62,39 @@ def test_a_turn_renders_its_prompt_once(tiny, monkeypatch):
         return real(messages, *args, **kwargs)
 
     monkeypatch.setattr(tiny.tokenizer, "apply_chat_template", spy)
-    turn = chat.ask("And again?", options=GenerationOptions(4), view=QuietView())
+    turn = chat.ask("And again?", options=GenerationOptions(4), view=NullView())
     full_prompt = chat.conversation().messages()[:-1]  # everything before this reply
     assert rendered.count(full_prompt) == 1
-    assert turn.stats["prompt_tokens"] == count_prompt_tokens(tiny, full_prompt)
+    assert turn.stats["prompt_tokens"] == len(encode(tiny.tokenizer, full_prompt))
 
 
 def test_the_prompt_encoder_never_serves_stale_ids(tiny):
     """The encoder's memo is keyed by content: an edited message is encoded afresh."""
-    from qwen_magic.generation import PromptEncoder
-
-    encoder = PromptEncoder(tiny)
+    encoder = PromptEncoder(tiny.tokenizer)
     messages = [dict(message) for message in MESSAGES]
     before = encoder.token_ids(messages)
     messages[-1]["content"] = "Tell me a much longer story, please."
     after = encoder.token_ids(messages)
-    assert after != before and after == PromptEncoder(tiny).token_ids(messages)
-    inputs = encoder.inputs(messages)
-    assert inputs["input_ids"][0].tolist() == after
-    assert inputs["attention_mask"].sum().item() == len(after)
+    assert after != before and after == PromptEncoder(tiny.tokenizer).token_ids(messages)
 
 
 def test_reply_streams_in_several_chunks(tiny):
     """The reply arrives as several chunks whose concatenation is the final text."""
-    generation = Generation(tiny, MESSAGES, SAMPLE)
+    generation = start(MESSAGES, SAMPLE)
     chunks = list(generation)
     assert len(chunks) > 1
     assert "".join(chunks) == generation.text
     assert generation.stats.new_tokens > 1
-    assert generation.stats.prompt_tokens == count_prompt_tokens(tiny, MESSAGES)
+    assert generation.stats.prompt_tokens == len(encode(tiny.tokenizer, MESSAGES))
     assert generation.stats.first_token_seconds is not None
     assert not worker_threads()
 
 
 def test_same_seed_gives_the_same_sample(tiny):
     """Sampling with a fixed seed is repeatable; another seed differs."""
-    first = Generation(tiny, MESSAGES, SAMPLE).run()
-    second = Generation(tiny, MESSAGES, SAMPLE).run()
-    other = Generation(tiny, MESSAGES, GenerationOptions(40, do_sample=True, seed=8)).run()
+    first = start(MESSAGES, SAMPLE).run()
+    second = start(MESSAGES, SAMPLE).run()
+    other = start(MESSAGES, GenerationOptions(40, do_sample=True, seed=8)).run()
     assert first == second
     assert other != first
 
@@ -118,7 +111,7 @@ def test_options_reach_generate(tiny, monkeypatch):
         repetition_penalty=1.2,
         seed=1,
     )
-    Generation(tiny, MESSAGES, options).run()
+    start(MESSAGES, options).run()
     (seen,) = calls
     assert seen["max_new_tokens"] == 5
     assert seen["do_sample"] is True
@@ -160,7 +153,7 @@ def test_out_of_range_options_are_usage_errors(options, fix):
 
 def test_cancel_stops_within_a_step_and_keeps_the_partial_text(tiny):
     """cancel() ends generation early; the worker is joined and the partial text kept."""
-    generation = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
+    generation = start(MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
     for chunk in generation:
         if chunk:
             generation.cancel()
@@ -172,7 +165,7 @@ def test_cancel_stops_within_a_step_and_keeps_the_partial_text(tiny):
 
 def test_interrupt_while_reading_stops_the_worker(tiny):
     """A KeyboardInterrupt in the reading loop cancels and joins the worker before it spreads."""
-    generation = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
+    generation = start(MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
     with pytest.raises(KeyboardInterrupt):
         for _chunk in generation:
             raise KeyboardInterrupt
@@ -189,7 +182,7 @@ def test_worker_exception_reaches_the_caller_without_hanging(tiny, monkeypatch):
         raise ValueError("tokenizer exploded")
 
     monkeypatch.setattr(tiny.model, "generate", broken)
-    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    box = finishes(lambda: start(MESSAGES, SAMPLE).run(), seconds=30)
     assert isinstance(box.get("error"), ValueError)
     assert not worker_threads()
 
@@ -206,7 +199,7 @@ def test_worker_exception_after_some_text_still_ends(tiny, monkeypatch):
         raise RuntimeError("late failure")
 
     monkeypatch.setattr(tiny.model, "generate", fails_midway)
-    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    box = finishes(lambda: start(MESSAGES, SAMPLE).run(), seconds=30)
     assert isinstance(box.get("error"), RuntimeError)
 
 
@@ -217,23 +210,23 @@ def test_cuda_out_of_memory_becomes_a_usage_error(tiny, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(tiny.model, "generate", oom)
-    box = finishes(lambda: Generation(tiny, MESSAGES, SAMPLE).run(), seconds=30)
+    box = finishes(lambda: start(MESSAGES, SAMPLE).run(), seconds=30)
     error = box.get("error")
-    assert type(error) is UsageError
+    assert isinstance(error, QwenMagicError)
     assert "--max-new-tokens" in str(error)
 
 
 def test_only_one_generation_at_a_time(tiny):
     """A second generation while one streams is refused, never run alongside."""
-    first = Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=30, do_sample=True))
+    first = start(MESSAGES, GenerationOptions(max_new_tokens=30, do_sample=True))
     iterator = iter(first)
     next(iterator)
     with pytest.raises(UsageError, match="still being generated"):
-        Generation(tiny, MESSAGES, SAMPLE).run()
+        start(MESSAGES, SAMPLE).run()
     first.cancel()
     for _chunk in iterator:
         pass
-    assert Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=3)).run() is not None
+    assert start(MESSAGES, GenerationOptions(max_new_tokens=3)).run() is not None
 
 
 def test_plain_prompt_for_models_without_a_chat_template():
@@ -251,11 +244,11 @@ GREEDY_FAST = GenerationOptions(max_new_tokens=16, do_sample=False, fast=True)
 def test_fast_mode_gives_the_same_text(tiny):
     """--fast changes the cache, not the reply: greedy and seeded samples are identical."""
     greedy = GenerationOptions(max_new_tokens=16, do_sample=False)
-    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() == Generation(tiny, MESSAGES, greedy).run()
+    assert start(MESSAGES, GREEDY_FAST).run() == start(MESSAGES, greedy).run()
     for seed in (1, 2):
-        plain = Generation(tiny, MESSAGES, GenerationOptions(24, do_sample=True, seed=seed)).run()
+        plain = start(MESSAGES, GenerationOptions(24, do_sample=True, seed=seed)).run()
         fast = GenerationOptions(24, do_sample=True, seed=seed, fast=True)
-        assert Generation(tiny, MESSAGES, fast).run() == plain
+        assert start(MESSAGES, fast).run() == plain
 
 
 def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
@@ -265,13 +258,13 @@ def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
     from qwen_magic.generation import _cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
-    Generation(tiny, MESSAGES, GREEDY_FAST).run()
+    start(MESSAGES, GREEDY_FAST).run()
     cache = calls[-1][_cache_argument()]
     assert isinstance(cache, StaticCache)
     assert cache.get_max_length() == min(tiny.context_length, GREEDY_FAST.fast_cache_tokens)
     assert "cache_implementation" not in calls[-1]  # the cache object itself says static
-    Generation(tiny, MESSAGES, GenerationOptions(max_new_tokens=4)).run()
-    assert _cache_argument() not in calls[-1]  # without a prompt cache: generate's own
+    start(MESSAGES, GenerationOptions(max_new_tokens=4)).run()
+    assert type(calls[-1][_cache_argument()]).__name__ == "DynamicCache"  # kept nowhere
 
 
 def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
@@ -280,11 +273,11 @@ def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
     from qwen_magic.generation import _cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
-    Generation(tiny, MESSAGES, GREEDY_FAST).run()
+    start(MESSAGES, GREEDY_FAST).run()
     first = calls[-1][_cache_argument()]
     addresses = [layer.keys.data_ptr() for layer in first.layers]
     other = [{"role": "user", "content": "Something else entirely."}]
-    Generation(tiny, other, GREEDY_FAST).run()
+    start(other, GREEDY_FAST).run()
     assert calls[-1][_cache_argument()] is first
     assert [layer.keys.data_ptr() for layer in first.layers] == addresses
     assert not worker_threads()  # no per-reply thread is left behind
@@ -302,10 +295,10 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
     from qwen_magic.conversation import ConversationBook
 
     def talk(options: GenerationOptions) -> list[str]:
-        chat = Chat(tiny, ConversationBook())
-        replies = [chat.ask(q, options=options, view=QuietView()).assistant for q in QUESTIONS]
+        chat = Chat(book=ConversationBook())
+        replies = [chat.ask(q, options=options, view=NullView()).assistant for q in QUESTIONS]
         longer = replace(options, max_new_tokens=options.max_new_tokens + 5)
-        other = chat.ask("Something else.", conversation="other", options=longer, view=QuietView())
+        other = chat.ask("Something else.", conversation="other", options=longer, view=NullView())
         return [*replies, other.assistant]
 
     def graphs() -> int:
@@ -314,7 +307,7 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
     expected = talk(GenerationOptions(max_new_tokens=12, do_sample=False))
     tiny.model.generation_config.compile_config = compile_on_any_device()
     before = graphs()
-    first = Generation(tiny, MESSAGES, GREEDY_FAST)
+    first = start(MESSAGES, GREEDY_FAST)
     first.run()
     assert graphs() == before + 1  # the decoding step, compiled
     assert talk(replace(GREEDY_FAST, max_new_tokens=12)) == expected
@@ -329,20 +322,19 @@ def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     compile, slowly, once); the later ones say nothing."""
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.generation import fast_mode_note
+    from qwen_magic.kernel_backend import fast_mode_note
 
-    chat = Chat(tiny, ConversationBook())
-    chat.ask("Hello.", options=GREEDY_FAST, view=QuietView())
+    chat = Chat(book=ConversationBook())
+    chat.ask("Hello.", options=GREEDY_FAST, view=NullView())
     assert "Note: --fast compiles only on a GPU (this model is on cpu)" in capsys.readouterr().out
-    chat.ask("Again.", options=GREEDY_FAST, view=QuietView())
-    chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=QuietView())
+    chat.ask("Again.", options=GREEDY_FAST, view=NullView())
+    chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=NullView())
     assert "Note" not in capsys.readouterr().out
     tiny.model.generation_config.compile_config = compile_on_any_device()  # as on CUDA
-    resized = replace(GREEDY_FAST, fast_cache_tokens=1024)  # a new static cache, compiled anew
-    assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny, resized)
+    assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny)
     # accelerate spilled layers to the CPU: generate would not compile, and the note says so
     monkeypatch.setattr(tiny.model, "hf_device_map", {"model": 0, "lm_head": "cpu"}, raising=False)
-    assert "layers offloaded to the CPU or disk" in fast_mode_note(tiny, resized)
+    assert "layers offloaded to the CPU or disk" in fast_mode_note(tiny)
 
 
 def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
@@ -353,9 +345,9 @@ def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
     questions = QUESTIONS
     replies = {}
     for fast in (False, True):
-        chat = Chat(tiny, ConversationBook())
+        chat = Chat(book=ConversationBook())
         options = GenerationOptions(max_new_tokens=10, do_sample=True, seed=3, fast=fast)
-        turns = [chat.ask(q, options=options, view=QuietView()) for q in questions]
+        turns = [chat.ask(q, options=options, view=NullView()) for q in questions]
         replies[fast] = [turn.assistant for turn in turns]
         if fast:
             assert turns[-1].options["fast"] is True
@@ -366,9 +358,9 @@ def test_fast_mode_follow_ups_reuse_the_prefix_and_match_normal_mode(tiny):
 
 def test_fast_mode_without_reuse_prefills_everything(tiny):
     """Without a prompt cache (reuse_cache off), the static cache is emptied before each reply."""
-    first = Generation(tiny, MESSAGES, GREEDY_FAST)
+    first = start(MESSAGES, GREEDY_FAST)
     first.run()
-    again = Generation(tiny, MESSAGES, GREEDY_FAST)
+    again = start(MESSAGES, GREEDY_FAST)
     assert again.run() == first.text
     assert again.stats.cached_prompt_tokens == 0
 
@@ -377,9 +369,9 @@ def test_a_prompt_too_long_for_the_static_cache_is_a_usage_error(tiny):
     """Prompt + --max-new-tokens beyond the static cache is refused up front, model intact."""
     small = GenerationOptions(max_new_tokens=8, fast=True, fast_cache_tokens=16)
     with pytest.raises(UsageError, match="16-token static"):
-        Generation(tiny, MESSAGES, small).run()
+        start(MESSAGES, small).run()
     assert not worker_threads()
-    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() is not None
+    assert start(MESSAGES, GREEDY_FAST).run() is not None
 
 
 def test_fast_mode_chat_fits_the_conversation_into_the_static_cache(tiny):
@@ -388,14 +380,14 @@ def test_fast_mode_chat_fits_the_conversation_into_the_static_cache(tiny):
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
 
-    chat = Chat(tiny, ConversationBook())
+    chat = Chat(book=ConversationBook())
     options = GenerationOptions(max_new_tokens=8, do_sample=False, fast=True, fast_cache_tokens=80)
     for number in range(6):
-        turn = chat.ask(f"Question number {number}.", options=options, view=QuietView())
+        turn = chat.ask(f"Question number {number}.", options=options, view=NullView())
         assert turn.stats["prompt_tokens"] + 8 <= 80
     assert turn.stats["dropped_turns"] > 0
     with pytest.raises(UsageError, match="fast_cache_tokens"):
-        chat.ask("word " * 100, options=options, view=QuietView())
+        chat.ask("word " * 100, options=options, view=NullView())
     assert len(chat.conversation()) == 6
 
 
@@ -404,8 +396,8 @@ def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
 
-    chat = Chat(tiny, ConversationBook())
-    expected = chat.ask("Hello.", options=GREEDY_FAST, view=QuietView()).assistant
+    chat = Chat(book=ConversationBook())
+    expected = chat.ask("Hello.", options=GREEDY_FAST, view=NullView()).assistant
     real = tiny.model.generate
 
     def fails_after_prefill(**kwargs):
@@ -415,23 +407,21 @@ def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tiny.model, "generate", fails_after_prefill)
         with pytest.raises(RuntimeError):
-            chat.ask("Fail.", options=GREEDY_FAST, view=QuietView())
-    fresh = Chat(tiny, ConversationBook()).ask("Hello.", options=GREEDY_FAST, view=QuietView())
+            chat.ask("Fail.", options=GREEDY_FAST, view=NullView())
+    fresh = Chat(book=ConversationBook()).ask("Hello.", options=GREEDY_FAST, view=NullView())
     assert fresh.stats["cached_prompt_tokens"] == 0
     assert fresh.assistant == expected
 
 
 def test_cancel_in_fast_mode_keeps_the_partial_text(tiny):
     """Cancelling a fast reply stops it within a step; the next reply still works."""
-    generation = Generation(
-        tiny, MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True, fast=True)
-    )
+    generation = start(MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True, fast=True))
     for chunk in generation:
         if chunk:
             generation.cancel()
     assert generation.stats.interrupted and generation.text
     assert generation.stats.new_tokens < 400
-    assert Generation(tiny, MESSAGES, GREEDY_FAST).run() is not None
+    assert start(MESSAGES, GREEDY_FAST).run() is not None
 
 
 def test_fast_mode_is_recorded_only_when_on():
@@ -447,12 +437,9 @@ def test_the_static_cache_is_freed_with_its_model(fresh_state, tiny_model_path):
     import gc
     import weakref
 
-    from qwen_magic import generation, loading
-
-    loaded = loading.load(str(tiny_model_path), device="cpu", progress=None)
-    Generation(loaded, MESSAGES, GREEDY_FAST).run()
-    cache = weakref.ref(generation._static_slots[loaded.model].cache)
-    del loaded
-    loading.release()
+    fresh_state.load_model(str(tiny_model_path), device="cpu", progress=None)
+    start(MESSAGES, GREEDY_FAST).run()
+    cache = weakref.ref(fresh_state.backend.static_slot.cache)
+    fresh_state.release()
     gc.collect()
     assert cache() is None

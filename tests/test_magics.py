@@ -7,7 +7,7 @@ import re
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import _state
+from qwen_magic.session import current as session
 
 from .helpers import spy_on_generate
 
@@ -15,7 +15,7 @@ FAST = "-n 6 --greedy --view text"
 
 
 def turns(name: str = "default") -> list:
-    return _state.conversations.get(name).turns
+    return session().conversations.get(name).turns
 
 
 def ask(shell, message: str, line: str = FAST) -> None:
@@ -44,7 +44,7 @@ def test_each_cell_adds_one_user_assistant_pair(shell, tiny, capsys):
     out = capsys.readouterr().out
     assert turns()[1].assistant in out
     assert "tokens/s" in out
-    messages = _state.conversations.get("default").messages("third")
+    messages = session().conversations.get("default").messages("third")
     assert [m["role"] for m in messages] == [
         "system",
         "user",
@@ -119,15 +119,14 @@ def test_config_traitlets_set_defaults(shell, tiny, monkeypatch):
 def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
     """-s changes one turn's system prompt; --set-system changes the conversation's."""
     rendered = []
-    import qwen_magic.chat as chat_module
+    backend = session().backend
+    real = backend.start
 
-    real = chat_module.Generation
-
-    def spy(model, messages, *args, **kwargs):
+    def spy(messages, *args, **kwargs):
         rendered.append(messages[0]["content"])
-        return real(model, messages, *args, **kwargs)
+        return real(messages, *args, **kwargs)
 
-    monkeypatch.setattr(chat_module, "Generation", spy)
+    monkeypatch.setattr(backend, "start", spy)
     ask(shell, "a", f"{FAST} -s 'Be terse.'")
     ask(shell, "b")
     ask(shell, "c", f"{FAST} --set-system 'Answer in French.'")
@@ -154,7 +153,7 @@ def test_interpolation_of_an_unknown_name_is_a_usage_error(shell, tiny):
     """-i with an undefined variable says which one, and records nothing."""
     with pytest.raises(UsageError, match="qm_missing"):
         ask(shell, "Tell me about $qm_missing", f"{FAST} -i")
-    assert _state.conversations is None or not turns()
+    assert not turns()
 
 
 @pytest.mark.parametrize(
@@ -182,7 +181,7 @@ def test_history_pop_reset_and_system_magics(shell, tiny, capsys):
     shell.run_line_magic("qwen_pop", "")
     assert [t.user for t in turns()] == ["alpha"]
     shell.run_line_magic("qwen_system", "Be brief.")
-    assert _state.conversations.get("default").system_prompt == "Be brief."
+    assert session().conversations.get("default").system_prompt == "Be brief."
     shell.run_line_magic("qwen_reset", "")
     assert turns() == []
     with pytest.raises(UsageError, match="No conversation named 'nope'"):
@@ -213,7 +212,7 @@ def test_conversations_survive_reload_ext(shell, tiny):
     ask(shell, "remember me")
     shell.run_line_magic("reload_ext", "qwen_magic")
     assert [t.user for t in turns()] == ["remember me"]
-    assert _state.loaded_model is tiny
+    assert session().loaded_model is tiny
 
 
 @pytest.mark.demo

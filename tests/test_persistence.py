@@ -8,9 +8,10 @@ import os
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import _state, persistence
+from qwen_magic import persistence
 from qwen_magic.conversation import ConversationBook, Turn
 from qwen_magic.persistence import HistoryStore, book_to_json, read_book, write_atomic
+from qwen_magic.session import current as session
 
 FAST = "-n 5 --greedy --view text"
 
@@ -21,9 +22,9 @@ def notebook(tmp_path, monkeypatch, fresh_state):
     path = tmp_path / "analysis.ipynb"
     path.write_text("{}")
     monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    fresh_state.history_store = None
+    fresh_state.history = None
     yield path
-    fresh_state.history_store = None
+    fresh_state.history = None
 
 
 def sample_book() -> ConversationBook:
@@ -105,23 +106,23 @@ def test_turns_are_saved_beside_the_notebook_after_each_turn(shell, tiny, notebo
 def test_a_new_kernel_restores_the_notebook_conversations(shell, tiny, notebook, capsys):
     """Attaching in a kernel with no conversations restores the saved ones and says so."""
     shell.run_cell_magic("qwen", FAST, "remember this")
-    _state.conversations = None  # what a new kernel starts with
-    _state.history_store = None
+    session().conversations = ConversationBook()  # what a new kernel starts with
+    session().history = None
     capsys.readouterr()
-    message = persistence.attach(shell)
+    message = session().attach_history(shell)
     assert "Restored 1 turn in 1 conversation" in message
-    assert [t.user for t in _state.conversations.get().turns] == ["remember this"]
+    assert [t.user for t in session().conversations.get().turns] == ["remember this"]
 
 
 def test_a_foreign_history_file_is_reported_and_kept(shell, tiny, notebook):
     """A non-qwen file where the history would go is left alone; chatting still works."""
     foreign = notebook.with_name("analysis.qwen.json")
     foreign.write_text('{"something": "else"}')
-    message = persistence.attach(shell)
+    message = session().attach_history(shell)
     assert "Not saving conversations" in message
     shell.run_cell_magic("qwen", FAST, "still works")
     assert foreign.read_text() == '{"something": "else"}'
-    assert len(_state.conversations.get().turns) == 1
+    assert len(session().conversations.get().turns) == 1
 
 
 def test_save_restore_and_export_magics(shell, tiny, tmp_path, capsys):
@@ -130,9 +131,9 @@ def test_save_restore_and_export_magics(shell, tiny, tmp_path, capsys):
     target = tmp_path / "chat.qwen.json"
     shell.run_line_magic("qwen_save", str(target))
     shell.run_line_magic("qwen_reset", "")
-    assert _state.conversations.get().turns == []
+    assert session().conversations.get().turns == []
     shell.run_line_magic("qwen_restore", str(target))
-    assert [t.user for t in _state.conversations.get().turns] == ["keep me"]
+    assert [t.user for t in session().conversations.get().turns] == ["keep me"]
     markdown = tmp_path / "chat.md"
     shell.run_line_magic("qwen_export", str(markdown))
     assert "keep me" in markdown.read_text()
@@ -146,12 +147,12 @@ def test_restore_of_a_bad_file_changes_nothing(shell, tiny, tmp_path):
     bad.write_text("[]")
     with pytest.raises(UsageError, match="not a qwen_magic conversation file"):
         shell.run_line_magic("qwen_restore", str(bad))
-    assert [t.user for t in _state.conversations.get().turns] == ["stay"]
+    assert [t.user for t in session().conversations.get().turns] == ["stay"]
 
 
 def test_save_without_a_known_notebook_asks_for_a_file(shell, fresh_state, monkeypatch):
     """Where no notebook path is known, %qwen_save says to give a file name."""
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    fresh_state.history_store = None
+    fresh_state.history = None
     with pytest.raises(UsageError, match="give one"):
         shell.run_line_magic("qwen_save", "")

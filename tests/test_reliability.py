@@ -11,12 +11,12 @@ import psutil
 import pytest
 from transformers import DynamicCache
 
-from qwen_magic import _state
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.generation import GenerationOptions
+from qwen_magic.options import GenerationOptions
+from qwen_magic.session import current as session
+from qwen_magic.view import NullView
 
-from .helpers import QuietView
 from .kernel import kernel
 
 SETUP = """
@@ -48,7 +48,7 @@ def test_interrupting_the_kernel_stops_generation_and_keeps_the_partial_turn(tin
         interrupter.join()
         assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
         assert time.perf_counter() - started < 60
-        turns = "qwen_magic._state.conversations.get().turns"
+        turns = "qwen_magic.current_session().conversations.get().turns"
         k.run_ok("import qwen_magic, threading")
         assert k.value(f"len({turns})") == 1
         assert k.value(f"{turns}[-1].interrupted") is True
@@ -74,14 +74,14 @@ def test_conversations_survive_a_kernel_restart(tiny_model_path, tmp_path):
         printed = second.run_ok("%load_ext qwen_magic")
         assert "Restored 1 turn in 1 conversation" in printed
         second.run_ok("import qwen_magic")
-        turns = "qwen_magic._state.conversations.get().turns"
+        turns = "qwen_magic.current_session().conversations.get().turns"
         assert second.value(f"{turns}[0].user") == "Remember the word banana."
         assert second.value(f"{turns}[0].assistant") == reply
 
 
 def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     """A 200-turn session leaves no threads, keeps RSS flat and every prompt inside the context."""
-    chat = Chat(tiny, ConversationBook())
+    chat = Chat(book=ConversationBook())
     options = GenerationOptions(max_new_tokens=4, do_sample=False)
     process = psutil.Process()
     threads_before = threading.active_count()
@@ -93,7 +93,7 @@ def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
         turn = chat.ask(
             f"Turn {number}: say something short about the number {number}.",
             options=options,
-            view=QuietView(),
+            view=NullView(),
         )
         assert turn.stats["prompt_tokens"] + 4 <= tiny.context_length
         if number in (50, 200):
@@ -109,7 +109,7 @@ def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     assert turn.stats["dropped_turns"] > 0  # the tiny model's 2048-token context overflowed
     # No KV cache is left behind per turn: the conversation keeps one, always the same number.
     assert caches_at[200] == caches_at[50]
-    assert len(tiny.prompt_caches) == 1
+    assert len(session().backend.prompt_caches) == 1
     heap_growth = python_heap_at[200] - python_heap_at[50]
     assert heap_growth < 4 * 2**20, f"Python heap grew {heap_growth / 2**20:.1f} MiB"
     # RSS also moves with the allocator's arenas and other tests' leftovers: a coarse bound.
@@ -122,8 +122,8 @@ def test_a_model_without_chat_template_gets_a_plain_prompt_and_a_notice(tiny, ca
     template = tiny.tokenizer.chat_template
     tiny.tokenizer.chat_template = None
     try:
-        turn = Chat(tiny, ConversationBook()).ask(
-            "Hello", options=GenerationOptions(max_new_tokens=4), view=QuietView()
+        turn = Chat(book=ConversationBook()).ask(
+            "Hello", options=GenerationOptions(max_new_tokens=4), view=NullView()
         )
     finally:
         tiny.tokenizer.chat_template = template
@@ -135,11 +135,10 @@ def test_a_model_without_chat_template_gets_a_plain_prompt_and_a_notice(tiny, ca
 def test_context_overflow_with_the_real_model_drops_oldest_turns(demo, monkeypatch):
     """When the history exceeds the context, the oldest turns are left out and the reply comes."""
     monkeypatch.setattr(type(demo), "context_length", property(lambda self: 96))
-    chat = Chat(demo, ConversationBook(), reuse_cache=False)
+    chat = Chat(book=ConversationBook(), reuse_cache=False)
     options = GenerationOptions(max_new_tokens=16, do_sample=False)
     for question in ["What is 2+2?", "What is 3+3?", "What is 4+4?", "What is 5+5?"]:
-        turn = chat.ask(question, options=options, view=QuietView())
+        turn = chat.ask(question, options=options, view=NullView())
     assert turn.stats["dropped_turns"] > 0
     assert turn.stats["prompt_tokens"] + 16 <= 96
     assert "10" in turn.assistant
-    assert _state is not None

@@ -8,8 +8,9 @@ import sys
 import time
 
 from qwen_magic.chat import STOPPED_NOTE, Chat
-from qwen_magic.generation import GenerationOptions
-from qwen_magic.view import CommPump, TextView, WidgetView, in_widget_frontend, make_view
+from qwen_magic.comm_pump import CommPump, ipykernel_supported
+from qwen_magic.options import GenerationOptions
+from qwen_magic.view import TextView, WidgetView, in_widget_frontend, make_view
 
 from .kernel import kernel
 
@@ -109,6 +110,16 @@ def test_no_message_pump_outside_a_kernel(monkeypatch):
     view = WidgetView(redraw_seconds=0.0)
     view.update("Hello")
     assert view.redraws == 1
+
+
+def test_the_pump_works_only_with_the_ipykernel_it_knows(monkeypatch):
+    """The pump relies on ipykernel 7's internals: any other major version gets no pump (and so
+    no Stop button), never a half-working one."""
+    import ipykernel
+
+    for version, supported in (("7.4.0", True), ("6.29.5", False), ("8.0.0", False)):
+        monkeypatch.setattr(ipykernel, "__version__", version)
+        assert ipykernel_supported() is supported
 
 
 def test_stop_button_cancels_generation_and_the_turn_ends_normally(tiny, monkeypatch):

@@ -1,0 +1,162 @@
+"""The kernel's one state object: :class:`Session`.
+
+Everything qwen_magic keeps in a kernel lives in one plain object, as IPython's autoreload keeps
+its state in one reloader and jupysql its connections in one manager:
+
+* :attr:`Session.backend`: what writes the replies, a model loaded in this kernel
+  (:class:`~qwen_magic.kernel_backend.KernelBackend`) or a server; one at a time;
+* :attr:`Session.conversations`: the notebook's named conversations;
+* :attr:`Session.history`: the file they are saved to after each turn, if any.
+
+The rules live here too: the same model spec again is a no-op; another spec is checked before
+the current model is released; restoring conversations drops the backend's per-conversation
+caches; a history file is attached once per path and restored into a kernel that has no turns
+yet. The magics only turn arguments into calls on the session (:func:`current`), and so does
+the Python API (``qwen_magic.load``, ``qwen_magic.Chat``).
+
+The session is kept in :mod:`qwen_magic._state`, which ``%reload_ext`` does not reload, so the
+model and the conversations survive a reload of the extension's code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _state, persistence
+from .conversation import ConversationBook
+from .errors import QwenMagicError
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .loading import LoadedModel, Progress
+
+
+class Session:
+    """One kernel's backend, conversations and history file."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self.conversations = ConversationBook()
+        self.history: persistence.HistoryStore | None = None
+
+    # -- the backend ----------------------------------------------------------------------
+
+    @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The model loaded in this kernel, if the backend is one."""
+        return getattr(self.backend, "loaded", None)
+
+    def require_backend(self) -> Backend:
+        """The backend in use, or a one-line error saying how to get one."""
+        if self.backend is None:
+            raise QwenMagicError(
+                "No model is loaded yet; run %qwen_load first (e.g. %qwen_load demo)."
+            )
+        return self.backend
+
+    def load_model(
+        self, model: str | None = None, *, progress: Progress | None = print, **how: Any
+    ) -> tuple[LoadedModel, bool]:
+        """Load ``model`` in this kernel unless it is loaded already; return it, and whether it
+        was loaded now. ``how``: ``loading.model_spec``'s options (dtype, device, …)."""
+        from . import loading
+        from .kernel_backend import KernelBackend
+
+        spec = loading.model_spec(model, **how)
+        current = self.loaded_model
+        if current is not None and current.spec == spec:
+            return current, False
+        freed = current.memory_bytes if current is not None else 0
+        del current  # no reference of ours may keep the old model alive once it is released
+        loaded = loading.load_model(
+            spec, progress=progress, make_room=self.release, freed_bytes=freed
+        )
+        self.backend = KernelBackend(loaded)
+        return loaded, True
+
+    def use(self, backend: Backend) -> Backend:
+        """Make ``backend`` the one in use; the previous one is closed first."""
+        if backend is not self.backend:
+            self.release()
+            self.backend = backend
+        return backend
+
+    def release(self) -> bool:
+        """Close the backend (freeing a model's memory); True if there was one."""
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return False
+        backend.close()
+        return True
+
+    # -- the history file -----------------------------------------------------------------
+
+    def attach_history(self, shell: Any = None, explicit: str | None = None) -> str | None:
+        """Start saving the conversations to the notebook's history file (or ``explicit``).
+
+        Restores the file's conversations when this kernel has no turns yet. Returns a line to
+        show (restored, or why the file was refused), or None when there is nothing to say.
+        """
+        if explicit:
+            path = Path(explicit).expanduser()
+        elif (notebook := persistence.notebook_path(shell)) is not None:
+            path = persistence.history_path_for(notebook)
+        else:
+            return None
+        if self.history is not None and self.history.path == path:
+            return None
+        self.history = persistence.HistoryStore(path)
+        try:
+            saved = self.history.load()
+        except QwenMagicError as error:
+            return f"Not saving conversations: {error}"
+        if saved is not None and not any(self.conversations.conversations.values()):
+            self._replace_conversations(saved)
+            return f"Restored {persistence.summary(saved)} from {path}."
+        return None
+
+    def autosave(self) -> None:
+        """Save the conversations if a history file is attached (after every change)."""
+        if self.history is not None:
+            self.history.save(self.conversations)
+
+    def history_target(self, file: str | None, configured: str = "") -> Path:
+        """Where ``%qwen_save`` / ``%qwen_restore`` go: ``file``, else the configured or the
+        attached history file."""
+        if file:
+            return Path(file).expanduser()
+        if configured:
+            return Path(configured).expanduser()
+        if self.history is not None:
+            return self.history.path
+        raise QwenMagicError(
+            "This frontend does not say which notebook runs, so there is no default file; "
+            "give one, e.g. %qwen_save chat.qwen.json."
+        )
+
+    def save(self, path: Path) -> str:
+        """Write every conversation to ``path``; returns what was saved, in words."""
+        if path.exists():
+            persistence.read_book(path)  # refuses, untouched, a file that is not ours
+        persistence.write_atomic(path, persistence.book_to_json(self.conversations))
+        return persistence.summary(self.conversations)
+
+    def restore(self, path: Path) -> str:
+        """Replace the conversations with those saved in ``path``; returns what came back."""
+        book = persistence.read_book(path)
+        self._replace_conversations(book)
+        return persistence.summary(book)
+
+    def _replace_conversations(self, book: ConversationBook) -> None:
+        book.default_system_prompt = self.conversations.default_system_prompt
+        self.conversations = book
+        if self.backend is not None:
+            self.backend.forget_conversations()  # caches of the old conversations are useless
+
+
+def current() -> Session:
+    """The kernel's session, made on first use; it survives ``%reload_ext``."""
+    if _state.session is None:
+        _state.session = Session()
+    return _state.session
