@@ -26,6 +26,7 @@ from . import session as kernel_session
 from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
 from .errors import QwenMagicError
+from .heavy_imports import import_heavy_modules
 from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
 from .persistence import write_atomic
 from .view import make_view
@@ -175,6 +176,7 @@ class QwenMagics(Magics):
     def qwen_load(self, line: str = "") -> None:
         """Load a Qwen2-family chat model, once per kernel."""
         args = parse_argstring(self.qwen_load, line)
+        import_heavy_modules()  # default_model_name() imports torch: a Ctrl-C waits for it
         say = (lambda _message: None) if args.quiet else print
         model = args.model or self.model or None
         if model is None and self.session.loaded_model is None:

@@ -60,6 +60,9 @@ class Session:
     ) -> tuple[LoadedModel, bool]:
         """Load ``model`` in this kernel unless it is loaded already; return it, and whether it
         was loaded now. ``how``: ``loading.model_spec``'s options (dtype, device, …)."""
+        from .heavy_imports import import_heavy_modules
+
+        import_heavy_modules()  # before anything imports torch: a Ctrl-C then waits for it
         from . import loading
         from .kernel_backend import KernelBackend
 
