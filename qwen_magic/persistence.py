@@ -9,11 +9,15 @@ automatically, and ``%qwen_save FILE`` / ``%qwen_restore FILE`` work by hand.
 Writes are atomic: a temporary file in the same folder, flushed, then ``os.replace``, so a crash
 leaves either the old file or the new one. A file that is not a qwen_magic conversation file
 (corrupt JSON, another program's data, a newer format) is refused with a clear message and never
-overwritten: autosave stops for it until you move it aside.
+overwritten: autosave stops for it until you move it aside. Every field of every turn is checked
+on reading (:func:`qwen_magic.conversation.conversation_problem`), so a file with ``"user": null``
+is refused in one line that names the entry, rather than half loaded; so is a file larger than
+:data:`MAX_BYTES`, before it is read.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -22,11 +26,14 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .conversation import Conversation, ConversationBook
+from .conversation import Conversation, ConversationBook, conversation_problem, json_type
+from .errors import QwenMagicError
 
 FORMAT = "qwen_magic.conversations"
 VERSION = 1
 SUFFIX = ".qwen.json"
+#: A history file larger than this is refused rather than read into memory.
+MAX_BYTES = 256 * 1024 * 1024
 
 
 def notebook_path(shell: Any = None) -> Path | None:
@@ -54,33 +61,93 @@ def book_to_json(book: ConversationBook) -> str:
 
 
 def read_book(path: Path) -> ConversationBook:
-    """Read a conversation file; a ``UsageError`` if it is missing, corrupt or foreign."""
+    """Read a conversation file; a one-line ``QwenMagicError`` if it is missing, unreadable,
+    corrupt, foreign, too large or has a field of the wrong type. The file is never changed.
+    """
+    path = Path(path)
+    untouched = "it was left untouched"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_BYTES:
+                raise QwenMagicError(
+                    f"{path} is {size / 2**20:.0f} MB, more than the {MAX_BYTES // 2**20} MB "
+                    f"qwen_magic reads; {untouched}. Move it aside, or save to another file "
+                    "with %qwen_save FILE."
+                )
+            raw = handle.read()
     except FileNotFoundError as error:
-        raise UsageError(f"No conversation file at {path}.") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(
-            f"{path} is not readable JSON ({error}); it was left untouched. Move it aside to "
-            "start a new history for this notebook."
+        raise QwenMagicError(f"No conversation file at {path}.") from error
+    except IsADirectoryError as error:
+        raise QwenMagicError(
+            f"{path} is a folder, not a conversation file; give a file, e.g. "
+            f"{path / ('chat' + SUFFIX)}."
+        ) from error
+    except OSError as error:
+        raise QwenMagicError(
+            f"Cannot read {path} ({_reason(error)}); {untouched}. Make it readable, or move it "
+            "aside to start a new history for this notebook."
+        ) from error
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise QwenMagicError(
+            f"{path} is not readable JSON (cut short or damaged: {error}); {untouched}. Move it "
+            "aside to start a new history for this notebook."
         ) from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UsageError(
-            f"{path} is not a qwen_magic conversation file; it was left untouched. Move it "
+        raise QwenMagicError(
+            f"{path} is not a qwen_magic conversation file; {untouched}. Move it "
             "aside, or save to another file with %qwen_save FILE."
         )
     if data.get("version") != VERSION:
-        raise UsageError(
+        raise QwenMagicError(
             f"{path} has format version {data.get('version')!r}, this qwen_magic reads "
             f"version {VERSION}; upgrade qwen_magic or move the file aside."
         )
+    if (problem := _book_problem(data)) is not None:
+        raise QwenMagicError(f"{path} is damaged ({problem}); {untouched}. Fix or move it aside.")
     book = ConversationBook()
-    try:
-        for name, chat in data["conversations"].items():
-            book.conversations[name] = Conversation.from_dict(chat)
-    except (AttributeError, KeyError, TypeError) as error:
-        raise UsageError(f"{path} is damaged ({error}); it was left untouched.") from error
+    for name, chat in data["conversations"].items():
+        book.conversations[name] = Conversation.from_dict(chat, key=name)
     return book
+
+
+def _book_problem(data: dict[str, Any]) -> str | None:
+    """Why a history file's payload cannot be loaded, naming the entry; None when it can."""
+    conversations = data.get("conversations")
+    if not isinstance(conversations, dict):
+        return f"'conversations' must be an object, not {json_type(conversations)}"
+    seen: dict[str, str] = {}
+    for name, chat in conversations.items():
+        if (problem := conversation_problem(chat, name)) is not None:
+            return problem
+        for number, turn in enumerate(chat["turns"], start=1):
+            turn_id = turn.get("turn_id")
+            if turn_id is None:
+                continue
+            if turn_id in seen and seen[turn_id] != name:
+                return (
+                    f"conversation {name!r}, turn {number}: 'turn_id' repeats one of "
+                    f"conversation {seen[turn_id]!r}"
+                )
+            seen[turn_id] = name
+    return None
+
+
+def _reason(error: OSError) -> str:
+    """An operating-system error as a short cause a user can act on."""
+    reasons = {
+        errno.EACCES: "permission denied: it or its folder is read-only for you",
+        errno.EPERM: "not permitted: the file or its folder is locked (immutable) or not yours",
+        errno.EROFS: "the file system is mounted read-only",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "your disk quota is used up",
+        errno.ENAMETOOLONG: "the file name is too long",
+        errno.ELOOP: "its symbolic links loop",
+        errno.ENOTDIR: "part of the path is a file, not a folder",
+    }
+    return reasons.get(error.errno or 0) or error.strerror or str(error)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,278 @@
+"""Fault injection for the files qwen_magic reads and writes (issue #12).
+
+Where the machine allows, each fault is the real condition, not a stand-in: an immutable file
+(``chattr +i``, which stops even root), a read-only bind mount, a tiny full tmpfs, a truncated
+file, a symbolic link, two processes or two kernels on one file. The tests run as root, which
+ignores permission bits, so a plain ``chmod`` would prove nothing; where a condition cannot be
+made (no ``chattr``, no mount rights) the test says so and patches the failing call instead, or
+skips.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from qwen_magic import _state, persistence
+from qwen_magic.conversation import ConversationBook, Turn
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.persistence import read_book
+
+FAST = "-n 3 --greedy --view text"
+WARNING = "Could not save conversations"
+
+
+@pytest.fixture
+def notebook(tmp_path, monkeypatch, fresh_state):
+    """A notebook announced the way Jupyter Server announces it, in its own folder."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    path = folder / "analysis.ipynb"
+    path.write_text("{}")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
+    fresh_state.history_store = None
+    yield path
+    fresh_state.history_store = None
+
+
+def history(notebook: Path) -> Path:
+    return notebook.with_name("analysis.qwen.json")
+
+
+def ask(shell, message: str, line: str = FAST) -> None:
+    shell.run_cell_magic("qwen", line, message)
+
+
+def users(book: ConversationBook, name: str = "default") -> list[str]:
+    return [turn.user for turn in book.get(name, create=False).turns]
+
+
+def saved_users(path: Path, name: str = "default") -> list[str]:
+    return users(read_book(path), name)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    text = str(error.value)
+    assert "\n" not in text, text
+    return text
+
+
+@contextmanager
+def immutable(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``chattr +i`` on ``path`` (no write, rename or delete, even for root) while inside.
+
+    Where chattr cannot be used, ``os.replace`` onto that path raises PermissionError instead
+    (the error a non-root user gets); the value yielded says which was used.
+    """
+    made = shutil.which("chattr") is not None and (
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    )
+    if not made:
+        real_replace = os.replace
+
+        def refuse(src, dst, *args, **kwargs):
+            if os.path.realpath(dst) == os.path.realpath(path):
+                raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(persistence.os, "replace", refuse)
+    try:
+        yield "chattr" if made else "monkeypatched os.replace"
+    finally:
+        if made:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            monkeypatch.setattr(persistence.os, "replace", real_replace)
+
+
+@contextmanager
+def mounted(folder: Path, *options: str, tmpfs: bool = False) -> Iterator[None]:
+    """``folder`` as a read-only bind mount of itself, or an empty tmpfs (needs mount rights)."""
+    if tmpfs:
+        command = ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)]
+    else:
+        command = ["mount", "--bind", str(folder), str(folder)]
+    done = subprocess.run(command, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.decode().strip()}")
+    try:
+        if not tmpfs:
+            subprocess.run(
+                ["mount", "-o", "remount,ro,bind", str(folder), str(folder)],
+                check=True,
+                capture_output=True,
+            )
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def book_with(*messages: str, name: str = "default") -> ConversationBook:
+    book = ConversationBook()
+    for message in messages:
+        book.get(name).record(Turn(message, "reply"))
+    return book
+
+
+def valid_payload() -> dict:
+    book = book_with("one", "two", "three")
+    return json.loads(persistence.book_to_json(book))
+
+
+# -- 4. wrongly typed history --------------------------------------------------------------------
+
+
+def damage(payload: dict, change) -> dict:
+    change(payload["conversations"]["default"])
+    return payload
+
+
+def set_turn(index: int, key: str, value):
+    return lambda chat: chat["turns"][index].__setitem__(key, value)
+
+
+WRONG = [
+    (set_turn(2, "user", None), "conversation 'default', turn 3: 'user' must be text, not null"),
+    (set_turn(0, "assistant", 5), "turn 1: 'assistant' must be text, not a number"),
+    (set_turn(0, "stats", []), "turn 1: 'stats' must be an object, not a list"),
+    (set_turn(1, "options", None), "turn 2: 'options' must be an object, not null"),
+    (set_turn(0, "cell_id", 12), "turn 1: 'cell_id' must be text or null, not a number"),
+    (set_turn(0, "interrupted", 1), "'interrupted' must be true or false, not a number"),
+    (set_turn(0, "created", True), "'created' must be a number, not a boolean"),
+    (set_turn(0, "created", "today"), "'created' must be a number, not text"),
+    (set_turn(0, "model", ["m"]), "'model' must be text or null, not a list"),
+    (set_turn(0, "turn_id", 7), "'turn_id' must be text, not a number"),
+    (set_turn(0, "surprise", 1), "turn 1: has an unknown field 'surprise'"),
+    (lambda chat: chat["turns"][0].pop("user"), "turn 1: 'user' is missing"),
+    (lambda chat: chat["turns"].append("hi"), "turn 4: must be an object, not text"),
+    (lambda chat: chat.__setitem__("name", 3), "the name 3 must be text, not a number"),
+    (lambda chat: chat.__setitem__("name", "other"), "its 'name' is 'other'"),
+    (lambda chat: chat.__setitem__("system_prompt", None), "'system_prompt' must be text"),
+    (lambda chat: chat.__setitem__("turns", {}), "'turns' must be a list, not an object"),
+    (
+        lambda chat: chat["turns"][1].__setitem__("turn_id", chat["turns"][0]["turn_id"]),
+        "turn 2: 'turn_id' repeats turn 1's",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), WRONG)
+def test_a_wrongly_typed_history_is_refused_in_one_line_naming_the_entry(tmp_path, change, message):
+    """Each field of Turn and Conversation is type-checked on reading (bool is not a number, a
+    number is not a bool), and the refusal names the conversation, turn and field."""
+    path = tmp_path / "h.qwen.json"
+    path.write_text(json.dumps(damage(valid_payload(), change)))
+    before = path.read_bytes()
+    with pytest.raises(QwenMagicError) as error:
+        read_book(path)
+    assert message in one_line(error)
+    assert path.read_bytes() == before
+
+
+def test_restore_of_a_wrongly_typed_file_changes_nothing(shell, tiny, tmp_path):
+    """%qwen_restore of a file with "user": null is refused in one line; the kernel keeps its
+    conversations and the file its bytes."""
+    ask(shell, "mine")
+    path = tmp_path / "bad.qwen.json"
+    path.write_text(json.dumps(damage(valid_payload(), set_turn(2, "user", None))))
+    before = path.read_bytes()
+    with pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic("qwen_restore", str(path))
+    assert "turn 3: 'user' must be text, not null" in one_line(error)
+    assert users(_state.conversations) == ["mine"]
+    assert path.read_bytes() == before
+
+
+def test_load_ext_refuses_a_wrongly_typed_history_and_never_overwrites_it(
+    shell, tiny, notebook, capsys
+):
+    """The restore at %load_ext refuses a history whose stats are not an object: nothing is
+    restored, one line says which entry, and later turns leave the file as it was."""
+    path = history(notebook)
+    path.write_text(json.dumps(damage(valid_payload(), set_turn(1, "stats", "fast"))))
+    before = path.read_bytes()
+    message = persistence.attach(shell)
+    assert "turn 2: 'stats' must be an object, not text" in message and "\n" not in message
+    assert not any(_state.conversations.conversations.values())
+    ask(shell, "new")
+    ask(shell, "newer")
+    assert path.read_bytes() == before
+    assert users(_state.conversations) == ["new", "newer"]
+
+
+def test_a_history_from_before_turn_ids_still_loads(tmp_path):
+    """Turns saved without a turn_id load, each getting its own new id."""
+    payload = valid_payload()
+    for turn in payload["conversations"]["default"]["turns"]:
+        del turn["turn_id"]
+    path = tmp_path / "old.qwen.json"
+    path.write_text(json.dumps(payload))
+    turns = read_book(path).get().turns
+    assert [t.user for t in turns] == ["one", "two", "three"]
+    assert len({t.turn_id for t in turns}) == 3
+
+
+def test_the_checked_fields_are_exactly_the_turns_fields():
+    """The validator checks every field a Turn has, no more, no fewer."""
+    from dataclasses import fields
+
+    from qwen_magic.conversation import _TURN_FIELDS
+
+    assert set(_TURN_FIELDS) == {f.name for f in fields(Turn)}
+
+
+# -- odd files and names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "is empty"),
+        (" padded", "starts or ends with a space"),
+        ("two\nlines", "line break"),
+        ("x" * 201, "longer than 200"),
+    ],
+)
+def test_odd_conversation_names_are_refused_in_one_line(shell, tiny, name, problem):
+    """-c with an empty, padded, multi-line or overlong name is one line saying so; nothing is
+    added to the book."""
+    with pytest.raises(QwenMagicError) as error:
+        ConversationBook().get(name)
+    assert problem in one_line(error)
+    if "\n" not in name:
+        with pytest.raises(QwenMagicError, match="choose a one-line name"):
+            shell.run_cell_magic("qwen", f"{FAST} -c '{name}'", "hi")
+    assert _state.conversations is None or name not in _state.conversations.conversations
+
+
+def test_names_with_slashes_and_unicode_save_restore_and_export(shell, tiny, tmp_path):
+    """A conversation named 'notes/2024 · été' is a name, never a path: it saves, restores and
+    exports like any other."""
+    ask(shell, "hi", f"{FAST} -c 'notes/2024 · été'")
+    path = tmp_path / "h.qwen.json"
+    shell.run_line_magic("qwen_save", str(path))
+    shell.run_line_magic("qwen_restore", str(path))
+    assert users(_state.conversations, "notes/2024 · été") == ["hi"]
+    shell.run_line_magic("qwen_export", f"-c 'notes/2024 · été' {tmp_path / 'n.md'}")
+    assert "# Conversation: notes/2024 · été" in (tmp_path / "n.md").read_text()
+
+
+def test_a_history_with_a_multi_line_conversation_name_is_refused(tmp_path):
+    """A saved conversation whose name holds a line break is refused, naming it escaped."""
+    payload = valid_payload()
+    chat = payload["conversations"].pop("default")
+    chat["name"] = "a\nb"
+    payload["conversations"]["a\nb"] = chat
+    path = tmp_path / "h.qwen.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(QwenMagicError) as error:
+        read_book(path)
+    assert "'a\\nb'" in one_line(error) and "line break" in one_line(error)
