@@ -317,11 +317,7 @@ class QwenMagics(Magics):
     def qwen_save(self, line: str = "") -> None:
         """Save every conversation of this notebook to a JSON file."""
         args = parse_argstring(self.qwen_save, line)
-        path = self._history_target(args.file)
-        if path.exists():
-            persistence.read_book(path)  # refuses, untouched, a file that is not ours
-        persistence.write_atomic(path, persistence.book_to_json(self.chat.book))
-        print(f"Saved {persistence.summary(self.chat.book)} to {path}.")
+        print(persistence.save_book(self._history_target(args.file), self.chat.book))
 
     @magic_arguments()
     @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
@@ -341,15 +337,20 @@ class QwenMagics(Magics):
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument(
+        "--force",
+        action="store_true",
+        help="Overwrite FILE even when it is not one of qwen_magic's own exports.",
+    )
     @argument("file", help="Markdown file to write, e.g. chat.md.")
     @line_magic
     def qwen_export(self, line: str = "") -> None:
-        """Write a conversation as a Markdown document."""
+        """Write a conversation as a Markdown document (its first line marks it as an export)."""
         args = parse_argstring(self.qwen_export, line)
         conversation = self.chat.conversation(args.conversation, create=False)
-        path = Path(args.file).expanduser()
-        persistence.write_atomic(path, conversation.to_markdown())
-        print(f"Wrote {len(conversation)} turns of {conversation.name!r} to {path}.")
+        what = f"{len(conversation)} turns of {conversation.name!r}"
+        text = conversation.to_markdown()
+        print(persistence.export_markdown(Path(args.file), text, force=args.force, what=what))
 
     def _history_target(self, file: str | None) -> Path:
         if file:

@@ -1,4 +1,4 @@
-"""Conversations that survive a kernel restart.
+"""Conversations that survive a kernel restart, written safely wherever they go.
 
 A notebook's conversations are saved as JSON beside it, ``analysis.ipynb`` →
 ``analysis.qwen.json``, after every turn, and read back when the extension is loaded in a new
@@ -6,20 +6,34 @@ kernel for that notebook. The kernel learns its notebook from ``JPY_SESSION_NAME
 Jupyter Server, so JupyterLab and Notebook have it) or ``__session__``; elsewhere nothing is saved
 automatically, and ``%qwen_save FILE`` / ``%qwen_restore FILE`` work by hand.
 
-Writes are atomic: a temporary file in the same folder, flushed, then ``os.replace``, so a crash
-leaves either the old file or the new one. A file that is not a qwen_magic conversation file
-(corrupt JSON, another program's data, a newer format) is refused with a clear message and never
-overwritten: autosave stops for it until you move it aside. Every field of every turn is checked
-on reading (:func:`qwen_magic.conversation.conversation_problem`), so a file with ``"user": null``
-is refused in one line that names the entry, rather than half loaded; so is a file larger than
-:data:`MAX_BYTES`, before it is read.
+**Writing** (:func:`write_atomic`, for every file qwen_magic writes). The text goes to a temporary
+file in the same folder, flushed, then ``os.replace`` puts it in place, so a crash leaves either
+the old file or the new one. The new file keeps the old one's permission bits (and, where
+allowed, its owner); a file that did not exist gets ``0666`` less the user's umask, as an editor
+would make it (not ``mkstemp``'s private ``0600``). A path that is a symbolic link is written
+*through*: the file it points to is replaced and the link stays a link, so a history kept in a
+synced folder and linked beside the notebook keeps working.
+
+**Where files go** (:func:`save_book`, :func:`export_markdown`). A path that is a folder is
+refused with a file name to use instead. A missing folder one level deep is created, and the
+message says so; deeper missing folders are refused, naming the first one missing (a typo is
+likelier than a wish for a new tree). Operating-system errors become one line saying the fix.
+``%qwen_export`` writes Markdown whose first line is :data:`EXPORT_MARK`; it overwrites a file
+that starts with that mark (one of its own exports) or is empty, any other only with ``--force``.
+
+**Refusing what is not ours** (:func:`read_book`). A file that is not a qwen_magic conversation
+file (corrupt or half-written JSON, another program's data, a newer format, a field of the wrong
+type, more than :data:`MAX_BYTES`) is refused with one line and never overwritten: autosave
+stops for it until you move it aside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +48,8 @@ VERSION = 1
 SUFFIX = ".qwen.json"
 #: A history file larger than this is refused rather than read into memory.
 MAX_BYTES = 256 * 1024 * 1024
+#: The first line of every ``%qwen_export`` file: an HTML comment, invisible once rendered.
+EXPORT_MARK = "<!-- qwen_magic export -->"
 
 
 def notebook_path(shell: Any = None) -> Path | None:
@@ -58,6 +74,9 @@ def book_to_json(book: ConversationBook) -> str:
         "conversations": {name: chat.to_dict() for name, chat in book.conversations.items()},
     }
     return json.dumps(payload, ensure_ascii=False, indent=1)
+
+
+# -- reading ------------------------------------------------------------------------------------
 
 
 def read_book(path: Path) -> ConversationBook:
@@ -135,6 +154,159 @@ def _book_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
+# -- writing ------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one.
+
+    Keeps an existing file's permission bits (a new file: ``0666`` less the umask) and writes
+    through a symbolic link to the file it names. The folder must exist. Raises ``OSError``;
+    then the old file is intact and no temporary file is left.
+    """
+    target = _target(Path(path))
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+    mode = stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask()
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)
+        if old is not None and hasattr(os, "chown"):
+            # Root saving a user's file must not hand it to root; elsewhere this is a no-op.
+            with contextlib.suppress(OSError):
+                os.chown(temporary, old.st_uid, old.st_gid)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _sync_folder(target.parent)
+
+
+def save_book(path: Path, book: ConversationBook) -> str:
+    """``%qwen_save``: write every conversation to ``path``; returns the line to show.
+
+    A file there that is not a qwen_magic history is refused, untouched. Every failure is a
+    one-line ``QwenMagicError``.
+    """
+    path = Path(path).expanduser()
+    target = _target(path)
+    _refuse_folder(path, target)
+    if target.exists():
+        read_book(target)  # refuses, untouched, a file that is not ours
+    created = _prepare_folder(target)
+    try:
+        write_atomic(target, book_to_json(book))
+    except OSError as error:
+        raise QwenMagicError(_write_failure(path, error)) from error
+    return f"Saved {summary(book)} to {path}{created}."
+
+
+def export_markdown(path: Path, text: str, *, force: bool = False, what: str = "") -> str:
+    """``%qwen_export``: write ``text`` as Markdown marked as an export; returns the line to show.
+
+    An existing file is overwritten only when it is one of qwen_magic's exports (its first line
+    is :data:`EXPORT_MARK`), is empty, or ``force`` is set. ``what`` names the content in the
+    message.
+    """
+    path = Path(path).expanduser()
+    target = _target(path)
+    _refuse_folder(path, target, example="chat.md")
+    if target.exists() and not force and not is_export(target) and target.stat().st_size:
+        raise QwenMagicError(
+            f"{path} exists and is not a qwen_magic export; choose another file name, or add "
+            "--force to overwrite it."
+        )
+    created = _prepare_folder(target)
+    try:
+        write_atomic(target, f"{EXPORT_MARK}\n{text}")
+    except OSError as error:
+        raise QwenMagicError(_write_failure(path, error)) from error
+    return f"Wrote {what or 'the conversation'} to {path}{created}."
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` starts with :data:`EXPORT_MARK` (a file ``%qwen_export`` wrote)."""
+    mark = EXPORT_MARK.encode()
+    try:
+        with Path(path).open("rb") as handle:
+            head = handle.read(len(mark) + 2)
+    except OSError:
+        return False
+    return head.startswith(mark) and head[len(mark) : len(mark) + 1] in (b"\n", b"\r", b"")
+
+
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: the final target of a symbolic link, else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _refuse_folder(path: Path, target: Path, example: str = "chat" + SUFFIX) -> None:
+    if target.is_dir():
+        raise QwenMagicError(f"{path} is a folder; give a file name, e.g. {path / example}.")
+
+
+def _prepare_folder(target: Path) -> str:
+    """Make sure ``target``'s folder exists, creating one missing level; a note when it did."""
+    folder = target.parent
+    if folder.is_dir():
+        return ""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise QwenMagicError(f"{existing} is a file, not a folder; check the path {target}.")
+    if existing != folder.parent:
+        missing = next(p for p in [folder, *folder.parents] if p.parent == existing)
+        raise QwenMagicError(
+            f"The folder {missing} does not exist; check the path, or create it first "
+            f"(e.g. !mkdir -p {folder})."
+        )
+    try:
+        folder.mkdir()
+    except OSError as error:
+        raise QwenMagicError(
+            f"Could not create the folder {folder} ({_reason(error)}); choose another place."
+        ) from error
+    return f" (created the folder {folder})"
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); harmless to skip where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
 def _reason(error: OSError) -> str:
     """An operating-system error as a short cause a user can act on."""
     reasons = {
@@ -150,20 +322,11 @@ def _reason(error: OSError) -> str:
     return reasons.get(error.errno or 0) or error.strerror or str(error)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _write_failure(path: Path, error: OSError) -> str:
+    return f"Could not write {path} ({_reason(error)}); nothing was changed. Choose another place."
+
+
+# -- the notebook's history file ----------------------------------------------------------------
 
 
 class HistoryStore:

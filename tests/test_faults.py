@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -227,6 +228,153 @@ def test_the_checked_fields_are_exactly_the_turns_fields():
     from qwen_magic.conversation import _TURN_FIELDS
 
     assert set(_TURN_FIELDS) == {f.name for f in fields(Turn)}
+
+
+# -- 5. %qwen_export overwriting files and their modes ------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["analysis.ipynb", "analysis.qwen.json", "notes.md"])
+def test_export_refuses_to_overwrite_a_file_that_is_not_an_export(shell, tiny, tmp_path, victim):
+    """%qwen_export onto a notebook, a history or a hand-written note is refused in one line
+    that mentions --force, and the file keeps its bytes."""
+    ask(shell, "hi")
+    path = tmp_path / victim
+    path.write_text('{"cells": []}')
+    with pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic("qwen_export", str(path))
+    assert "--force" in one_line(error)
+    assert path.read_text() == '{"cells": []}'
+
+
+def test_export_overwrites_its_own_exports_and_anything_with_force(shell, tiny, tmp_path):
+    """An earlier export or an empty file is replaced without asking; another file only with
+    --force."""
+    ask(shell, "hi")
+    path = tmp_path / "chat.md"
+    shell.run_line_magic("qwen_export", str(path))
+    assert path.read_text().splitlines()[0] == persistence.EXPORT_MARK
+    ask(shell, "again")
+    shell.run_line_magic("qwen_export", str(path))
+    assert "again" in path.read_text()
+    other = tmp_path / "notes.md"
+    other.write_text("mine")
+    shell.run_line_magic("qwen_export", f"--force {other}")
+    assert "again" in other.read_text()
+    empty = tmp_path / "empty.md"
+    empty.touch()
+    shell.run_line_magic("qwen_export", str(empty))
+    assert "again" in empty.read_text()
+
+
+def test_writes_keep_an_existing_mode_and_new_files_follow_the_umask(shell, tiny, tmp_path):
+    """%qwen_export and %qwen_save keep an existing file's mode (0664 stays 0664), and a new
+    file gets 0666 less the umask (0640 under umask 027), not mkstemp's 0600."""
+    ask(shell, "hi")
+    old_mask = os.umask(0o027)
+    try:
+        shell.run_line_magic("qwen_export", str(tmp_path / "new.md"))
+        shell.run_line_magic("qwen_save", str(tmp_path / "new.qwen.json"))
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "new.qwen.json").stat().st_mode) == 0o640
+    for name in ("new.md", "new.qwen.json"):
+        os.chmod(tmp_path / name, 0o664)
+    shell.run_line_magic("qwen_export", str(tmp_path / "new.md"))
+    shell.run_line_magic("qwen_save", str(tmp_path / "new.qwen.json"))
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "new.qwen.json").stat().st_mode) == 0o664
+
+
+def test_the_autosaved_history_gets_the_umask_mode(shell, tiny, notebook):
+    """The history file autosave creates beside the notebook is 0644 under umask 022."""
+    old_mask = os.umask(0o022)
+    try:
+        ask(shell, "hi")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(history(notebook).stat().st_mode) == 0o644
+
+
+def test_writing_to_a_symlink_writes_through_to_its_target(shell, tiny, notebook, tmp_path):
+    """A history file or export that is a symbolic link stays a link; the file it names gets
+    the new content (and its own mode)."""
+    synced = tmp_path / "synced"
+    synced.mkdir()
+    real_history = synced / "analysis.qwen.json"
+    history(notebook).symlink_to(real_history)
+    ask(shell, "through the link")
+    assert history(notebook).is_symlink()
+    assert saved_users(real_history) == ["through the link"]
+    ask(shell, "again")
+    assert history(notebook).is_symlink()
+    assert saved_users(real_history) == ["through the link", "again"]
+
+    real_export = synced / "chat.md"
+    real_export.write_text(persistence.EXPORT_MARK + "\nold\n")
+    os.chmod(real_export, 0o604)
+    link = tmp_path / "chat.md"
+    link.symlink_to(real_export)
+    shell.run_line_magic("qwen_export", str(link))
+    assert link.is_symlink() and "again" in real_export.read_text()
+    assert stat.S_IMODE(real_export.stat().st_mode) == 0o604
+
+
+# -- 12. saving and exporting into folders and read-only places ----------------------------------
+
+
+@pytest.mark.parametrize("magic", ["qwen_save", "qwen_export", "qwen_restore"])
+def test_a_folder_as_the_file_is_one_line_saying_what_to_give(shell, tiny, tmp_path, magic):
+    """%qwen_save, %qwen_export and %qwen_restore given a folder say, in one line, to give a
+    file name in it; nothing is written."""
+    ask(shell, "hi")
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    with pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic(magic, str(folder))
+    assert "is a folder" in one_line(error) and str(folder / "chat") in one_line(error)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("magic", ["qwen_save", "qwen_export"])
+def test_a_missing_folder_is_created_one_level_deep_and_said(shell, tiny, tmp_path, magic, capsys):
+    """A missing parent folder is created (and the message names it); two missing levels are
+    refused in one line naming the first missing folder, creating nothing."""
+    ask(shell, "hi")
+    capsys.readouterr()
+    shell.run_line_magic(magic, str(tmp_path / "new" / "chat.out"))
+    assert f"created the folder {tmp_path / 'new'}" in capsys.readouterr().out
+    assert (tmp_path / "new" / "chat.out").exists()
+    with pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic(magic, str(tmp_path / "typo" / "deeper" / "chat.out"))
+    assert f"The folder {tmp_path / 'typo'} does not exist" in one_line(error)
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("magic", ["qwen_save", "qwen_export"])
+def test_saving_into_a_read_only_folder_is_one_line(shell, tiny, tmp_path, magic):
+    """Into a read-only mount, %qwen_save and %qwen_export fail in one line naming the cause,
+    with no traceback-worthy OSError and nothing left behind."""
+    ask(shell, "hi")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with mounted(folder), pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic(magic, str(folder / "chat.out"))
+    assert "read-only" in one_line(error) and "Choose another place" in one_line(error)
+    assert list(folder.iterdir()) == []
+
+
+def test_saving_onto_an_immutable_file_is_one_line(shell, tiny, tmp_path, monkeypatch):
+    """%qwen_save over an immutable history (chattr +i) fails in one line; the file is kept."""
+    ask(shell, "hi")
+    path = tmp_path / "h.qwen.json"
+    shell.run_line_magic("qwen_save", str(path))
+    before = path.read_bytes()
+    ask(shell, "more")
+    with immutable(path, monkeypatch), pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic("qwen_save", str(path))
+    assert "Could not write" in one_line(error)
+    assert path.read_bytes() == before
 
 
 # -- odd files and names -------------------------------------------------------------------------
