@@ -52,19 +52,29 @@ def new_turn_id() -> str:
     return uuid.uuid4().hex
 
 
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot name a conversation (e.g. 'is empty'), or None when it can."""
+def name_problem(name: object, *, new: bool = True) -> str | None:
+    """Why ``name`` cannot name a conversation (e.g. 'is empty'), or None when it can.
+
+    With ``new`` False (a name read from a file) only what breaks one-line messages counts:
+    a name saved before names were checked (an empty one, say) still loads.
+    """
     if not isinstance(name, str):
         return f"must be text, not {json_type(name)}"
+    if not new:
+        return "contains a line break or another control character" if _has_control(name) else None
     if not name:
         return "is empty"
     if len(name) > MAX_NAME_LENGTH:
         return f"is longer than {MAX_NAME_LENGTH} characters"
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in name):
+    if _has_control(name):
         return "contains a line break or another control character"
     if name != name.strip():
         return "starts or ends with a space"
     return None
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
 @dataclass
@@ -95,6 +105,12 @@ class Conversation:
     name: str = DEFAULT_NAME
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     turns: list[Turn] = field(default_factory=list)
+    #: Ids of every turn this conversation has held, popped or replaced ones too: the history
+    #: file's merge deletes only turns this kernel held (see qwen_magic.persistence).
+    held_ids: set[str] = field(default_factory=set, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.held_ids.update(turn.turn_id for turn in self.turns)
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -127,6 +143,7 @@ class Conversation:
 
         Returns how many turns were replaced (0 when it simply appended).
         """
+        self.held_ids.add(turn.turn_id)
         index = self._index_of_cell(turn.cell_id)
         if index is None:
             self.turns.append(turn)
@@ -323,7 +340,7 @@ def conversation_problem(data: object, key: str | None = None) -> str | None:
         if name not in _CONVERSATION_FIELDS:
             return f"{where}: unknown field {name!r}"
     name = data["name"]
-    if (problem := name_problem(name)) is not None:
+    if (problem := name_problem(name, new=False)) is not None:
         return f"{where}: the name {name!r} {problem}"
     if key is not None and name != key:
         return f"{where}: its 'name' is {name!r}, not the name it is filed under"

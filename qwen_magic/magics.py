@@ -105,8 +105,8 @@ class QwenMagics(Magics):
 
     def _changed(self) -> None:
         """Save the conversations after a change, where a history file is attached."""
-        if self.autosave:
-            persistence.autosave()
+        if self.autosave and (message := persistence.autosave()):
+            print(message)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -317,7 +317,10 @@ class QwenMagics(Magics):
     def qwen_save(self, line: str = "") -> None:
         """Save every conversation of this notebook to a JSON file."""
         args = parse_argstring(self.qwen_save, line)
-        print(persistence.save_book(self._history_target(args.file), self.chat.book))
+        from . import _state
+
+        path = self._history_target(args.file)
+        print(persistence.save_book(path, self.chat.book, store=_state.history_store))
 
     @magic_arguments()
     @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")

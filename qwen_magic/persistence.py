@@ -1,4 +1,4 @@
-"""Conversations that survive a kernel restart, written safely wherever they go.
+"""Conversations that survive a kernel restart, a read-only folder and a second browser tab.
 
 A notebook's conversations are saved as JSON beside it, ``analysis.ipynb`` →
 ``analysis.qwen.json``, after every turn, and read back when the extension is loaded in a new
@@ -23,8 +23,29 @@ that starts with that mark (one of its own exports) or is empty, any other only 
 
 **Refusing what is not ours** (:func:`read_book`). A file that is not a qwen_magic conversation
 file (corrupt or half-written JSON, another program's data, a newer format, a field of the wrong
-type, more than :data:`MAX_BYTES`) is refused with one line and never overwritten: autosave
-stops for it until you move it aside.
+type, more than :data:`MAX_BYTES`) is refused with one line and never overwritten. Autosave
+stops for it, but looks again at each later save: once the file is gone, or is a qwen_magic
+history again, autosave resumes and says so once.
+
+**A file that cannot be written** (read-only mount, immutable file, no permission, full disk):
+autosave keeps the turns in memory, shows one line once, and tries again after every later
+change; the first save that works again says so once. The cell itself never fails for it.
+
+**Two kernels, one notebook** (two browser tabs). :meth:`HistoryStore.save` holds a lock (the
+hidden file ``.NAME.qwen.json.lock`` beside the history) while it re-reads the file, merges and
+writes it back. The merge goes turn by turn, a turn known by its ``turn_id``:
+
+- every turn this kernel holds is written as it holds it;
+- a turn in the file that this kernel once held but no longer does (popped, reset, replaced by a
+  re-run cell, or dropped by ``%qwen_restore``) is deleted: this kernel deleted it;
+- a turn in the file that this kernel never held was written by another kernel: it is kept, in
+  its conversation, placed among this kernel's turns by creation time, and a one-line note says
+  so the first time. It is *not* added to this kernel's memory (its prompts use its own turns);
+  ``%qwen_restore`` loads the merged file. Conversations found only in the file are kept likewise;
+  for a conversation both have, this kernel's system prompt wins.
+
+So a kernel never erases another kernel's turns; at worst a turn both kernels held, deleted by
+one, is written back by the other.
 """
 
 from __future__ import annotations
@@ -38,9 +59,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from IPython.core.error import UsageError
-
-from .conversation import Conversation, ConversationBook, conversation_problem, json_type
+from .conversation import Conversation, ConversationBook, Turn, conversation_problem, json_type
 from .errors import QwenMagicError
 
 FORMAT = "qwen_magic.conversations"
@@ -50,6 +69,8 @@ SUFFIX = ".qwen.json"
 MAX_BYTES = 256 * 1024 * 1024
 #: The first line of every ``%qwen_export`` file: an HTML comment, invisible once rendered.
 EXPORT_MARK = "<!-- qwen_magic export -->"
+#: Seconds a save waits for another kernel's lock on the history file before giving up this time.
+LOCK_TIMEOUT = 10.0
 
 
 def notebook_path(shell: Any = None) -> Path | None:
@@ -192,13 +213,17 @@ def write_atomic(path: Path, text: str) -> None:
     _sync_folder(target.parent)
 
 
-def save_book(path: Path, book: ConversationBook) -> str:
+def save_book(path: Path, book: ConversationBook, *, store: HistoryStore | None = None) -> str:
     """``%qwen_save``: write every conversation to ``path``; returns the line to show.
 
-    A file there that is not a qwen_magic history is refused, untouched. Every failure is a
-    one-line ``QwenMagicError``.
+    A file there that is not a qwen_magic history is refused, untouched. When ``path`` is the
+    file ``store`` autosaves to, the save goes through the store (lock, merge with other
+    kernels' turns) and clears its refusal or pause. Every failure is a one-line
+    ``QwenMagicError``.
     """
     path = Path(path).expanduser()
+    if store is not None and _same_file(path, store.path):
+        return store.save_now(book)
     target = _target(path)
     _refuse_folder(path, target)
     if target.exists():
@@ -248,6 +273,10 @@ def is_export(path: Path) -> bool:
 def _target(path: Path) -> Path:
     """The file a write to ``path`` replaces: the final target of a symbolic link, else ``path``."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _refuse_folder(path: Path, target: Path, example: str = "chat" + SUFFIX) -> None:
@@ -309,6 +338,10 @@ def _umask() -> int:
 
 def _reason(error: OSError) -> str:
     """An operating-system error as a short cause a user can act on."""
+    from filelock import Timeout
+
+    if isinstance(error, Timeout):
+        return f"another kernel held its lock for more than {LOCK_TIMEOUT:.0f} s"
     reasons = {
         errno.EACCES: "permission denied: it or its folder is read-only for you",
         errno.EPERM: "not permitted: the file or its folder is locked (immutable) or not yours",
@@ -329,28 +362,90 @@ def _write_failure(path: Path, error: OSError) -> str:
 # -- the notebook's history file ----------------------------------------------------------------
 
 
+def merge_books(
+    ours: ConversationBook, disk: ConversationBook | None, known: set[str], known_names: set[str]
+) -> tuple[ConversationBook, set[str]]:
+    """The book to write over ``disk``: ``ours``, plus the turns on disk this kernel never held.
+
+    ``known`` holds the ids of every turn this kernel has held, ``known_names`` every
+    conversation name; see the module docstring for the rule. Returns the merged book and the
+    ids of the other kernels' turns it kept.
+    """
+    merged = ConversationBook(default_system_prompt=ours.default_system_prompt)
+    theirs_on_disk = disk.conversations if disk is not None else {}
+    ours_ids = {turn.turn_id for chat in ours.conversations.values() for turn in chat.turns}
+    kept: set[str] = set()
+    for name in [*ours.conversations, *(n for n in theirs_on_disk if n not in ours.conversations)]:
+        on_disk = theirs_on_disk.get(name)
+        theirs = [
+            turn
+            for turn in (on_disk.turns if on_disk is not None else [])
+            if turn.turn_id not in known and turn.turn_id not in ours_ids
+        ]
+        mine = ours.conversations.get(name)
+        if mine is not None:
+            merged.conversations[name] = Conversation(
+                name, mine.system_prompt, _by_creation(mine.turns, theirs)
+            )
+        elif on_disk is not None and (theirs or name not in known_names):
+            merged.conversations[name] = Conversation(name, on_disk.system_prompt, theirs)
+        kept.update(turn.turn_id for turn in theirs)
+    return merged, kept
+
+
+def _by_creation(ours: list[Turn], theirs: list[Turn]) -> list[Turn]:
+    """Both lists interleaved by creation time, each keeping its own order."""
+    result: list[Turn] = []
+    i = j = 0
+    while i < len(ours) and j < len(theirs):
+        if theirs[j].created < ours[i].created:
+            result.append(theirs[j])
+            j += 1
+        else:
+            result.append(ours[i])
+            i += 1
+    return result + ours[i:] + theirs[j:]
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """Cheap identity of a file's current content (a new inode per atomic replace)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class _Refused(QwenMagicError):
+    """The file on disk is not a qwen_magic history: never write over it."""
+
+
 class HistoryStore:
-    """Saves a notebook's conversations to one file after each turn."""
+    """Saves a notebook's conversations to one file after each turn.
+
+    :meth:`save` is autosave: it never raises for the file's sake and returns a line to show
+    (or None). :meth:`save_now` is ``%qwen_save``: the same write, with errors raised.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        #: Set when the file on disk is not ours: we never overwrite it.
+        #: Why the file on disk is not ours (we never overwrite it); None when it is ours.
         self.refused: str | None = None
+        #: Why the last write failed (autosave then retries on each save); None when it worked.
+        self.failing: str | None = None
+        self._refused_signature: tuple[int, int, int] | None = None
+        self._known: set[str] = set()  # ids of every turn this kernel has held
+        self._known_names: set[str] = set()
+        self._reported: set[str] = set()  # other kernels' turns already mentioned
+        self._disk: tuple[tuple[int, int, int] | None, ConversationBook] | None = None
 
     def check_writable(self) -> None:
         """Refuse to take over a file that exists but is not a qwen_magic conversation file."""
         if self.path.exists():
             try:
                 read_book(self.path)
-            except UsageError as error:
-                self.refused = str(error)
-
-    def save(self, book: ConversationBook) -> bool:
-        """Write ``book``; False (and nothing written) if the file on disk was refused."""
-        if self.refused:
-            return False
-        write_atomic(self.path, book_to_json(book))
-        return True
+            except QwenMagicError as error:
+                self._refuse(str(error))
 
     def load(self) -> ConversationBook | None:
         """The saved conversations, or None when there is no file yet."""
@@ -358,9 +453,86 @@ class HistoryStore:
             return None
         try:
             return read_book(self.path)
-        except UsageError as error:
-            self.refused = str(error)
+        except QwenMagicError as error:
+            self._refuse(str(error))
             raise
+
+    def save(self, book: ConversationBook) -> str | None:
+        """Autosave ``book``, merged with other kernels' turns; never raises ``OSError``.
+
+        Returns one line to show, or None: why saving stopped (once), that it works again
+        (once), or that other kernels' turns were kept.
+        """
+        if self.refused and _signature(_target(self.path)) == self._refused_signature:
+            return None  # the refused file is still there, unchanged
+        was_stopped = self.refused is not None or self.failing is not None
+        try:
+            notes = self._write(book)
+        except _Refused as error:
+            first = self.refused is None
+            self._refuse(str(error))
+            return f"Not saving conversations: {error}" if first else None
+        except (OSError, QwenMagicError) as error:
+            first = self.failing is None
+            reason = _reason(error) if isinstance(error, OSError) else str(error).rstrip(".")
+            self.failing = (
+                f"Could not save conversations to {self.path} ({reason}); they are kept in "
+                "this kernel, and saving resumes by itself once the file can be written."
+            )
+            return self.failing if first else None
+        self.refused = self.failing = None
+        if was_stopped:
+            notes.insert(0, f"Saving conversations to {self.path} again.")
+        return " ".join(notes) or None
+
+    def save_now(self, book: ConversationBook) -> str:
+        """``%qwen_save`` to this file: write now, raising a one-line ``QwenMagicError``."""
+        try:
+            notes = self._write(book)
+        except _Refused as error:
+            self._refuse(str(error))
+            raise QwenMagicError(str(error)) from error
+        except OSError as error:
+            raise QwenMagicError(_write_failure(self.path, error)) from error
+        self.refused = self.failing = None
+        return " ".join([f"Saved {summary(book)} to {self.path}.", *notes])
+
+    def _refuse(self, message: str) -> None:
+        self.refused = message
+        self._refused_signature = _signature(_target(self.path))
+
+    def _write(self, book: ConversationBook) -> list[str]:
+        """Lock, re-read, merge, write; returns notes. Raises _Refused, QwenMagicError, OSError."""
+        from filelock import FileLock
+
+        target = _target(self.path)
+        _refuse_folder(self.path, target)
+        notes = [created.strip(" ()") + "."] if (created := _prepare_folder(target)) else []
+        for chat in book.conversations.values():
+            self._known.update(chat.held_ids, (turn.turn_id for turn in chat.turns))
+        self._known_names.update(book.conversations)
+        with FileLock(str(target.with_name(f".{target.name}.lock")), timeout=LOCK_TIMEOUT):
+            signature = _signature(target)
+            if signature is None:
+                disk = None
+            elif self._disk is not None and self._disk[0] == signature:
+                disk = self._disk[1]  # unchanged since we last wrote or read it
+            else:
+                try:
+                    disk = read_book(target)
+                except QwenMagicError as error:
+                    raise _Refused(str(error)) from error
+                self._disk = (signature, disk)
+            merged, kept = merge_books(book, disk, self._known, self._known_names)
+            write_atomic(target, book_to_json(merged))
+            self._disk = (_signature(target), merged)
+        if new := kept - self._reported:
+            self._reported |= new
+            notes.append(
+                f"Kept {len(new)} turn{'s' * (len(new) != 1)} that another kernel wrote to "
+                f"{self.path} (they stay in the file; %qwen_restore loads them here)."
+            )
+        return notes
 
 
 def summary(book: ConversationBook) -> str:
@@ -393,7 +565,7 @@ def attach(shell: Any, explicit: str | None = None) -> str | None:
     book = notebook_conversations()
     try:
         saved = store.load()
-    except UsageError as error:
+    except QwenMagicError as error:
         return f"Not saving conversations: {error}"
     if saved is not None and not any(book.conversations.values()):
         saved.default_system_prompt = book.default_system_prompt
@@ -402,10 +574,14 @@ def attach(shell: Any, explicit: str | None = None) -> str | None:
     return None
 
 
-def autosave() -> None:
-    """Save the kernel's conversations if a history file is attached (after every change)."""
+def autosave() -> str | None:
+    """Save the kernel's conversations if a history file is attached (after every change).
+
+    Returns a line to show (see :meth:`HistoryStore.save`); never raises for the file's sake.
+    """
     from . import _state
 
     store = _state.history_store
     if store is not None and _state.conversations is not None:
-        store.save(_state.conversations)
+        return store.save(_state.conversations)
+    return None

@@ -16,16 +16,21 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import qwen_magic
 from qwen_magic import _state, persistence
-from qwen_magic.conversation import ConversationBook, Turn
+from qwen_magic.conversation import Conversation, ConversationBook, Turn
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.persistence import read_book
+from qwen_magic.persistence import HistoryStore, read_book
+
+from .kernel import kernel
 
 FAST = "-n 3 --greedy --view text"
 WARNING = "Could not save conversations"
@@ -126,6 +131,87 @@ def book_with(*messages: str, name: str = "default") -> ConversationBook:
 def valid_payload() -> dict:
     book = book_with("one", "two", "three")
     return json.loads(persistence.book_to_json(book))
+
+
+# -- 1. a history file or folder that cannot be written -----------------------------------------
+
+
+def test_an_unwritable_history_keeps_turns_warns_once_and_resumes(
+    shell, tiny, notebook, capsys, monkeypatch
+):
+    """An immutable history file (chattr +i) costs no cell: turns stay in memory, one warning
+    line is shown once, and saving resumes, saying so once, when the file is writable again."""
+    ask(shell, "first")
+    path = history(notebook)
+    before = path.read_bytes()
+    capsys.readouterr()
+    with immutable(path, monkeypatch):
+        for message in ("second", "third", "fourth"):
+            result = shell.run_cell(f"%%qwen {FAST}\n{message}")
+            assert result.success, result.error_in_exec
+        out = capsys.readouterr().out
+        assert out.count(WARNING) == 1, out
+        assert path.read_bytes() == before
+    assert users(_state.conversations) == ["first", "second", "third", "fourth"]
+    ask(shell, "fifth")
+    ask(shell, "sixth")
+    out = capsys.readouterr().out
+    assert out.count("again") == 1 and WARNING not in out
+    assert saved_users(path) == ["first", "second", "third", "fourth", "fifth", "sixth"]
+
+
+def test_a_read_only_notebook_folder_pauses_autosave_without_failing_cells(
+    shell, tiny, notebook, capsys
+):
+    """With the notebook's folder mounted read-only, cells succeed, one warning names the
+    read-only file system, and the first turn after the remount writes every turn."""
+    with mounted(notebook.parent):
+        ask(shell, "first")
+        ask(shell, "second")
+        out = capsys.readouterr().out
+        assert out.count(WARNING) == 1 and "read-only" in out
+        assert not history(notebook).exists()
+    ask(shell, "third")
+    assert "again" in capsys.readouterr().out
+    assert saved_users(history(notebook)) == ["first", "second", "third"]
+
+
+def test_a_full_disk_pauses_autosave_with_one_line(tmp_path):
+    """On a full file system (a 64 KiB tmpfs, filled) save returns one 'disk is full' line once
+    and leaves the old file whole."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    with mounted(folder, "size=64k", tmpfs=True):
+        path = folder / "h.qwen.json"
+        store = HistoryStore(path)
+        book = book_with("kept")
+        assert store.save(book) is None
+        before = path.read_bytes()
+        with (folder / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError):
+            while True:
+                filler.write(b"x" * 4096)
+        book.get().record(Turn("big " * 20000, "reply"))
+        first = store.save(book)
+        assert first is not None and "disk is full" in first and "\n" not in first
+        assert store.save(book) is None  # said once
+        assert path.read_bytes() == before
+        assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_file_without_write_permission_gives_one_line(tmp_path, monkeypatch):
+    """A history file the user may not write (EACCES; monkeypatched, as root ignores modes)
+    makes save return one line saying permission is denied, and raise nothing."""
+    path = tmp_path / "h.qwen.json"
+    store = HistoryStore(path)
+    store.save(book_with("a"))
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+
+    monkeypatch.setattr(persistence.os, "replace", denied)
+    message = store.save(book_with("a", "b"))
+    assert message is not None and "permission denied" in message and "\n" not in message
+    assert store.failing
 
 
 # -- 4. wrongly typed history --------------------------------------------------------------------
@@ -320,6 +406,165 @@ def test_writing_to_a_symlink_writes_through_to_its_target(shell, tiny, notebook
     assert stat.S_IMODE(real_export.stat().st_mode) == 0o604
 
 
+# -- 6. autosave resumes after a refused file is moved aside -------------------------------------
+
+
+def test_autosave_resumes_once_a_corrupt_history_is_moved_aside(shell, tiny, notebook, capsys):
+    """After the refused file is moved aside, as the message advises, the next turn saves every
+    turn again and says so once."""
+    path = history(notebook)
+    path.write_text("{half a file")
+    assert "Not saving conversations" in persistence.attach(shell)
+    ask(shell, "one")
+    assert path.read_text() == "{half a file"
+    path.rename(path.with_name("aside.json"))
+    capsys.readouterr()
+    ask(shell, "two")
+    ask(shell, "three")
+    assert capsys.readouterr().out.count("again") == 1
+    assert saved_users(path) == ["one", "two", "three"]
+
+
+def test_autosave_resumes_when_the_file_is_a_history_again(shell, tiny, notebook):
+    """A refused file replaced by a valid history is merged with, not overwritten: its turns
+    stay and autosave goes on."""
+    path = history(notebook)
+    path.write_text("[]")
+    persistence.attach(shell)
+    ask(shell, "mine")
+    path.write_text(persistence.book_to_json(book_with("restored by hand")))
+    ask(shell, "mine again")
+    assert set(saved_users(path)) == {"restored by hand", "mine", "mine again"}
+
+
+def test_qwen_save_to_the_notebook_file_clears_the_refusal(shell, tiny, notebook, capsys):
+    """%qwen_save with no file, once the bad file is gone, writes the notebook's history and
+    ends the refusal; while it is there, it is refused in one line and kept."""
+    path = history(notebook)
+    path.write_text("not json")
+    persistence.attach(shell)
+    ask(shell, "one")
+    with pytest.raises(QwenMagicError) as error:
+        shell.run_line_magic("qwen_save", "")
+    assert "left untouched" in one_line(error) and path.read_text() == "not json"
+    path.unlink()
+    shell.run_line_magic("qwen_save", "")
+    assert "Saved 1 turn" in capsys.readouterr().out
+    assert _state.history_store.refused is None
+    assert saved_users(path) == ["one"]
+
+
+def test_a_truncated_history_is_refused_and_never_overwritten(shell, tiny, notebook):
+    """A history cut short (a killed process) is refused with one line at %load_ext, and turns
+    after it leave it byte for byte as it was."""
+    path = history(notebook)
+    whole = persistence.book_to_json(book_with("a", "b", "c"))
+    path.write_text(whole[: len(whole) // 2])
+    before = path.read_bytes()
+    message = persistence.attach(shell)
+    assert "not readable JSON" in message and "\n" not in message
+    ask(shell, "new")
+    ask(shell, "newer")
+    assert path.read_bytes() == before
+
+
+# -- 7. two kernels on one notebook --------------------------------------------------------------
+
+
+def test_two_stores_on_one_file_keep_each_others_turns(tmp_path):
+    """Two kernels' stores on one file merge by turn: each keeps the other's turns, deletes only
+    its own, and says once when it kept the other's."""
+    path = tmp_path / "h.qwen.json"
+    a_book, a = ConversationBook(), HistoryStore(path)
+    b_book, b = ConversationBook(), HistoryStore(path)
+    a_book.get().record(Turn("a1", "x"))
+    assert a.save(a_book) is None
+    b_book.get().record(Turn("b1", "x"))
+    assert "Kept 1 turn that another kernel wrote" in b.save(b_book)
+    assert saved_users(path) == ["a1", "b1"]
+    a_book.get().record(Turn("a2", "x"))
+    assert "Kept 1 turn" in a.save(a_book)
+    assert saved_users(path) == ["a1", "b1", "a2"]
+    b_book.get().record(Turn("b2", "x"))
+    assert "Kept 1 turn " in b.save(b_book)  # only a2 is new to b
+    assert saved_users(path) == ["a1", "b1", "a2", "b2"]
+    a_book.get().pop()  # a deletes its own a2
+    assert "Kept 1 turn " in a.save(a_book)  # b2 is new to a
+    assert saved_users(path) == ["a1", "b1", "b2"]
+    a_book.get().record(Turn("a3", "x"))
+    assert a.save(a_book) is None  # nothing new from b: no note
+    assert saved_users(path) == ["a1", "b1", "b2", "a3"]
+    b_book.get("other").record(Turn("b-other", "x"))
+    b_book.get().reset()  # b forgets b1 and b2
+    b.save(b_book)
+    assert saved_users(path) == ["a1", "a3"]
+    assert saved_users(path, "other") == ["b-other"]
+    assert users(a_book) == ["a1", "a3"]  # nothing was pushed into a's memory
+
+
+def test_a_restored_turn_removed_before_any_save_is_deleted_from_the_file(tmp_path):
+    """A kernel that restored the file and pops or resets before its first save deletes those
+    turns from the file: they were its own, not another kernel's."""
+    path = tmp_path / "h.qwen.json"
+    persistence.write_atomic(path, persistence.book_to_json(book_with("one", "two", "three")))
+    store = HistoryStore(path)
+    book = store.load()
+    book.get().pop()
+    assert store.save(book) is None
+    assert saved_users(path) == ["one", "two"]
+    book.get().reset()
+    assert store.save(book) is None
+    assert saved_users(path) == []
+
+
+def test_concurrent_saves_from_two_processes_lose_no_turn(tmp_path):
+    """Two processes saving 40 turns each into one file at the same moment end with all 80."""
+    path = tmp_path / "h.qwen.json"
+    script = (
+        "import sys, time\n"
+        "from qwen_magic.conversation import Conversation, ConversationBook, Turn\n"
+        "from qwen_magic.persistence import HistoryStore\n"
+        "path, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
+        "book, store = ConversationBook(), HistoryStore(path)\n"
+        "while time.time() < start: time.sleep(0.001)\n"
+        "for i in range(40):\n"
+        "    book.get().record(Turn(f'{tag}{i}', 'x'))\n"
+        "    store.save(book)\n"
+    )
+    package_root = str(Path(qwen_magic.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root}
+    start = time.time() + 2
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), tag, str(start)], env=env)
+        for tag in ("a", "b")
+    ]
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    saved = saved_users(path)
+    assert sorted(saved) == sorted([f"a{i}" for i in range(40)] + [f"b{i}" for i in range(40)])
+    assert [u for u in saved if u.startswith("a")] == [f"a{i}" for i in range(40)]
+
+
+def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path, tmp_path):
+    """Two kernels on one notebook (two browser tabs) each chat; the history file ends with
+    every turn of both, and the second kernel's output says it kept the first's."""
+    notebook = tmp_path / "shared.ipynb"
+    notebook.write_text("{}")
+    setup = f"%load_ext qwen_magic\n%qwen_load {tiny_model_path} --device cpu --quiet"
+    env = {"JPY_SESSION_NAME": str(notebook)}
+    with kernel(env) as first, kernel(env) as second:
+        first.run_ok(setup)
+        second.run_ok(setup)
+        first.run_ok(f"%%qwen {FAST}\nfrom the first tab")
+        out = second.run_ok(f"%%qwen {FAST}\nfrom the second tab")
+        assert "Kept 1 turn that another kernel wrote" in out
+        first.run_ok(f"%%qwen {FAST}\nfirst tab again")
+    assert saved_users(notebook.with_name("shared.qwen.json")) == [
+        "from the first tab",
+        "from the second tab",
+        "first tab again",
+    ]
+
+
 # -- 12. saving and exporting into folders and read-only places ----------------------------------
 
 
@@ -380,6 +625,45 @@ def test_saving_onto_an_immutable_file_is_one_line(shell, tiny, tmp_path, monkey
 # -- odd files and names -------------------------------------------------------------------------
 
 
+def test_a_huge_history_file_is_refused_without_reading_it(tmp_path):
+    """A history larger than MAX_BYTES (a sparse 300 MB file) is refused in one line at once."""
+    path = tmp_path / "h.qwen.json"
+    with path.open("wb") as handle:
+        handle.truncate(300 * 2**20)
+    started = time.perf_counter()
+    with pytest.raises(QwenMagicError) as error:
+        read_book(path)
+    assert "more than the 256 MB" in one_line(error)
+    assert time.perf_counter() - started < 1
+    store = HistoryStore(path)
+    store.check_writable()
+    assert store.save(book_with("x")) is None and path.stat().st_size == 300 * 2**20
+
+
+def test_a_large_history_autosaves_without_rereading_its_own_file(tmp_path, monkeypatch):
+    """A 10 MB history (2,000 long turns) restores and autosaves in seconds, and a save after
+    our own save does not parse the file again."""
+    path = tmp_path / "h.qwen.json"
+    book = ConversationBook()
+    for number in range(2000):
+        book.get().record(Turn(f"question {number} " + "x" * 2500, "answer " + "y" * 2500))
+    persistence.write_atomic(path, persistence.book_to_json(book))
+    assert path.stat().st_size > 10 * 10**6
+    started = time.perf_counter()
+    store = HistoryStore(path)
+    restored = store.load()
+    restored.get().record(Turn("one more", "reply"))
+    assert store.save(restored) is None
+    reads = []
+    real_read_book = persistence.read_book
+    monkeypatch.setattr(persistence, "read_book", lambda p: reads.append(p) or real_read_book(p))
+    restored.get().record(Turn("and another", "reply"))
+    assert store.save(restored) is None
+    assert reads == []
+    assert time.perf_counter() - started < 20
+    assert len(read_book(path).get().turns) == 2002
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
@@ -411,6 +695,15 @@ def test_names_with_slashes_and_unicode_save_restore_and_export(shell, tiny, tmp
     assert users(_state.conversations, "notes/2024 · été") == ["hi"]
     shell.run_line_magic("qwen_export", f"-c 'notes/2024 · été' {tmp_path / 'n.md'}")
     assert "# Conversation: notes/2024 · été" in (tmp_path / "n.md").read_text()
+
+
+def test_a_history_with_a_name_saved_before_names_were_checked_still_loads(tmp_path):
+    """A saved conversation named '' (allowed before names were checked) still loads."""
+    book = ConversationBook()
+    book.conversations[""] = Conversation("", "s", [Turn("q", "a")])
+    path = tmp_path / "h.qwen.json"
+    path.write_text(persistence.book_to_json(book))
+    assert users(read_book(path), "") == ["q"]
 
 
 def test_a_history_with_a_multi_line_conversation_name_is_refused(tmp_path):
