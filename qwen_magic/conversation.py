@@ -10,7 +10,17 @@ replaced, so re-running a cell edits the conversation instead of appending a dup
 frontend sends no id (nbclient, terminal IPython, plain Python), turns simply append.
 
 A :class:`ConversationBook` holds a notebook's named conversations (``default`` unless you name
-another), so one notebook can keep several independent chats.
+another), so one notebook can keep several independent chats. A name is any one-line text (slashes
+are fine: a name is never a path); an empty name, a line break or surrounding spaces are refused.
+
+Every turn carries a ``turn_id`` (a random hex string made when the turn is), so two kernels
+writing one history file can tell their turns apart (see :mod:`qwen_magic.persistence`). Files
+from before ``turn_id`` existed still load; their turns get an id then.
+
+Saved conversations are checked field by field when they are read back
+(:func:`conversation_problem`): a file whose turns have the wrong types (``"user": null``, stats
+that are not an object, ``interrupted: 1``) is refused with one line naming the entry, instead of
+being half loaded and failing later.
 
 :meth:`Conversation.fit` keeps a prompt inside the model's context window: it counts tokens with
 the model's own tokenizer and leaves out the oldest turns (never the system prompt) until the
@@ -20,7 +30,10 @@ so that follow-ups keep reusing the backend's cached prefix.
 
 from __future__ import annotations
 
+import math
 import time
+import unicodedata
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +42,38 @@ from .errors import QwenMagicError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_NAME = "default"
+#: Longest conversation name accepted (it is shown in headings and one-line messages).
+MAX_NAME_LENGTH = 200
+
+
+def new_turn_id() -> str:
+    """A fresh, practically unique turn id (uuid4 as 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def name_problem(name: object, *, new: bool = True) -> str | None:
+    """Why ``name`` cannot name a conversation (e.g. 'is empty'), or None when it can.
+
+    With ``new`` False (a name read from a file) only what breaks one-line messages counts:
+    a name saved before names were checked (an empty one, say) still loads.
+    """
+    if not isinstance(name, str):
+        return f"must be text, not {json_type(name)}"
+    if not new:
+        return "contains a line break or another control character" if _has_control(name) else None
+    if not name:
+        return "is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is longer than {MAX_NAME_LENGTH} characters"
+    if _has_control(name):
+        return "contains a line break or another control character"
+    if name != name.strip():
+        return "starts or ends with a space"
+    return None
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
 @dataclass
@@ -43,6 +88,7 @@ class Turn:
     options: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    turn_id: str = field(default_factory=new_turn_id)
 
     def messages(self) -> list[dict[str, str]]:
         return [
@@ -58,12 +104,18 @@ class Conversation:
     name: str = DEFAULT_NAME
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     turns: list[Turn] = field(default_factory=list)
+    #: Ids of every turn this conversation has held, popped or replaced ones too: the history
+    #: file's merge deletes only turns this kernel held (see qwen_magic.persistence).
+    held_ids: set[str] = field(default_factory=set, compare=False, repr=False)
     #: How many of the oldest turns the last prompt left out (kept while the rest fits).
     left_out: int = field(default=0, repr=False, compare=False)
     _token_memo: dict[int, tuple[Turn, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _counted_with: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.held_ids.update(turn.turn_id for turn in self.turns)
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -96,6 +148,7 @@ class Conversation:
 
         Returns how many turns were replaced (0 when it simply appended).
         """
+        self.held_ids.add(turn.turn_id)
         index = self.turn_index_of_cell(turn.cell_id)
         if index is None:
             self.turns.append(turn)
@@ -204,15 +257,18 @@ class Conversation:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Conversation:
-        try:
-            return cls(
-                name=str(data["name"]),
-                system_prompt=str(data["system_prompt"]),
-                turns=[Turn(**turn) for turn in data["turns"]],
-            )
-        except (KeyError, TypeError) as error:
-            raise QwenMagicError(f"Not a qwen_magic conversation ({error}).") from error
+    def from_dict(cls, data: Any, *, key: str | None = None) -> Conversation:
+        """The conversation ``to_dict`` made; a ``QwenMagicError`` naming the first bad field.
+
+        ``key`` is the name the conversation is filed under, which its own name must match.
+        """
+        if (problem := conversation_problem(data, key)) is not None:
+            raise QwenMagicError(f"Not a qwen_magic conversation ({problem}).")
+        return cls(
+            name=data["name"],
+            system_prompt=data["system_prompt"],
+            turns=[Turn(**turn) for turn in data["turns"]],
+        )
 
     def to_markdown(self) -> str:
         """The conversation as a readable Markdown document."""
@@ -247,8 +303,112 @@ class ConversationBook:
             if not create:
                 known = ", ".join(sorted(self.conversations)) or "none yet"
                 raise QwenMagicError(f"No conversation named {name!r} (known: {known}).")
+            if (problem := name_problem(name)) is not None:
+                raise QwenMagicError(
+                    f"The conversation name {name!r} {problem}; choose a one-line name such "
+                    "as -c notes."
+                )
             self.conversations[name] = Conversation(name, self.default_system_prompt)
         return self.conversations[name]
 
     def names(self) -> list[str]:
         return sorted(self.conversations)
+
+
+# -- checking saved data ------------------------------------------------------------------------
+
+#: A turn's saved fields: the JSON types each may hold ("null" where None is allowed).
+_TURN_FIELDS: dict[str, tuple[str, ...]] = {
+    "user": ("text",),
+    "assistant": ("text",),
+    "cell_id": ("text", "null"),
+    "interrupted": ("a boolean",),
+    "model": ("text", "null"),
+    "options": ("an object",),
+    "stats": ("an object",),
+    "created": ("a number",),
+    "turn_id": ("text",),
+}
+_REQUIRED_TURN_FIELDS = ("user", "assistant")
+_CONVERSATION_FIELDS = ("name", "system_prompt", "turns")
+
+
+def json_type(value: object) -> str:
+    """How a JSON reader would name ``value``'s type: null, a boolean, a number, text, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _type_problem(field_name: str, value: object, allowed: tuple[str, ...]) -> str | None:
+    kind = json_type(value)
+    if kind not in allowed:
+        wanted = " or ".join("true or false" if a == "a boolean" else a for a in allowed)
+        return f"{field_name!r} must be {wanted}, not {kind}"
+    if kind == "a number" and not math.isfinite(value):  # type: ignore[arg-type]
+        return f"{field_name!r} must be a finite number, not {value}"
+    if field_name == "turn_id" and not value:
+        return "'turn_id' must not be empty"
+    return None
+
+
+def turn_problem(data: object) -> str | None:
+    """Why ``data`` is not a saved :class:`Turn` (one phrase naming the field), or None."""
+    if not isinstance(data, dict):
+        return f"must be an object, not {json_type(data)}"
+    for name in _REQUIRED_TURN_FIELDS:
+        if name not in data:
+            return f"{name!r} is missing"
+    for name, value in data.items():
+        if name not in _TURN_FIELDS:
+            return f"has an unknown field {name!r}"
+        if (problem := _type_problem(name, value, _TURN_FIELDS[name])) is not None:
+            return problem
+    return None
+
+
+def conversation_problem(data: object, key: str | None = None) -> str | None:
+    """Why ``data`` is not a saved :class:`Conversation`, naming the entry, or None.
+
+    The text reads ``conversation 'default', turn 3: 'user' must be text, not null``; turns are
+    numbered from 1, as ``%qwen_history`` shows them. Turn ids must be unique within it.
+    """
+    where = "conversation" if key is None else f"conversation {key!r}"
+    if not isinstance(data, dict):
+        return f"{where} must be an object, not {json_type(data)}"
+    for name in _CONVERSATION_FIELDS:
+        if name not in data:
+            return f"{where}: {name!r} is missing"
+    for name in data:
+        if name not in _CONVERSATION_FIELDS:
+            return f"{where}: unknown field {name!r}"
+    name = data["name"]
+    if (problem := name_problem(name, new=False)) is not None:
+        return f"{where}: the name {name!r} {problem}"
+    if key is not None and name != key:
+        return f"{where}: its 'name' is {name!r}, not the name it is filed under"
+    where = f"conversation {name!r}"
+    if not isinstance(data["system_prompt"], str):
+        return f"{where}: 'system_prompt' must be text, not {json_type(data['system_prompt'])}"
+    if not isinstance(data["turns"], list):
+        return f"{where}: 'turns' must be a list, not {json_type(data['turns'])}"
+    seen: dict[str, int] = {}
+    for number, turn in enumerate(data["turns"], start=1):
+        if (problem := turn_problem(turn)) is not None:
+            return f"{where}, turn {number}: {problem}"
+        turn_id = turn.get("turn_id")
+        if turn_id is not None:
+            if turn_id in seen:
+                return f"{where}, turn {number}: 'turn_id' repeats turn {seen[turn_id]}'s"
+            seen[turn_id] = number
+    return None

@@ -21,14 +21,13 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading
+from . import loading, persistence
 from . import session as kernel_session
 from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
 from .errors import QwenMagicError
 from .heavy_imports import import_heavy_modules
 from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
-from .persistence import write_atomic
 from .view import make_view
 
 
@@ -137,8 +136,8 @@ class QwenMagics(Magics):
 
     def _changed(self) -> None:
         """Save the conversations after a change, where a history file is attached."""
-        if self.autosave:
-            self.session.autosave()
+        if self.autosave and (message := self.session.autosave()):
+            print(message)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -358,8 +357,7 @@ class QwenMagics(Magics):
     def qwen_save(self, line: str = "") -> None:
         """Save every conversation of this notebook to a JSON file."""
         args = parse_argstring(self.qwen_save, line)
-        path = self.session.history_target(args.file, self.history_file)
-        print(f"Saved {self.session.save(path)} to {path}.")
+        print(self.session.save(self.session.history_target(args.file, self.history_file)))
 
     @magic_arguments()
     @argument("file", nargs="?", default=None, help="JSON file (default: the notebook's).")
@@ -374,13 +372,18 @@ class QwenMagics(Magics):
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @argument(
+        "--force",
+        action="store_true",
+        help="Overwrite FILE even when it is not one of qwen_magic's own exports.",
+    )
     @argument("file", help="Markdown file to write, e.g. chat.md.")
     @line_magic
     @one_line_errors
     def qwen_export(self, line: str = "") -> None:
-        """Write a conversation as a Markdown document."""
+        """Write a conversation as a Markdown document (its first line marks it as an export)."""
         args = parse_argstring(self.qwen_export, line)
         conversation = self.chat.conversation(args.conversation, create=False)
-        path = Path(args.file).expanduser()
-        write_atomic(path, conversation.to_markdown())
-        print(f"Wrote {len(conversation)} turns of {conversation.name!r} to {path}.")
+        what = f"{len(conversation)} turns of {conversation.name!r}"
+        text = conversation.to_markdown()
+        print(persistence.export_markdown(Path(args.file), text, force=args.force, what=what))

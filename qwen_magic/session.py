@@ -119,10 +119,13 @@ class Session:
             return f"Restored {persistence.summary(saved)} from {path}."
         return None
 
-    def autosave(self) -> None:
-        """Save the conversations if a history file is attached (after every change)."""
-        if self.history is not None:
-            self.history.save(self.conversations)
+    def autosave(self) -> str | None:
+        """Save the conversations if a history file is attached (after every change); returns
+        a line to show, if any. Never raises for the file's sake: a file that cannot be written
+        pauses saving, with one line, until it can (see ``HistoryStore.save``)."""
+        if self.history is None:
+            return None
+        return self.history.save(self.conversations)
 
     def history_target(self, file: str | None, configured: str = "") -> Path:
         """Where ``%qwen_save`` / ``%qwen_restore`` go: ``file``, else the configured or the
@@ -139,11 +142,9 @@ class Session:
         )
 
     def save(self, path: Path) -> str:
-        """Write every conversation to ``path``; returns what was saved, in words."""
-        if path.exists():
-            persistence.read_book(path)  # refuses, untouched, a file that is not ours
-        persistence.write_atomic(path, persistence.book_to_json(self.conversations))
-        return persistence.summary(self.conversations)
+        """Write every conversation to ``path`` (the history file: merged with other kernels'
+        turns, and autosave resumes); returns a line saying what was saved."""
+        return persistence.save_book(path, self.conversations, store=self.history)
 
     def restore(self, path: Path) -> str:
         """Replace the conversations with those saved in ``path``; returns what came back."""

@@ -85,7 +85,7 @@ def test_corrupt_or_foreign_files_are_refused_and_never_overwritten(tmp_path, co
         read_book(path)
     store = HistoryStore(path)
     store.check_writable()
-    assert store.save(sample_book()) is False
+    assert store.save(sample_book()) is None and store.refused
     assert path.read_text() == content
 
 
