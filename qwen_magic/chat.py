@@ -89,10 +89,19 @@ class Chat:
         """
         if not message.strip():
             raise QwenMagicError("The message is empty; write your question in the cell body.")
+        check_text(message, "The message")
+        if system_prompt is not None:
+            check_text(system_prompt, "The system prompt")
         backend = self.backend
         options = options or GenerationOptions()
         chat = self.conversation(conversation)
+        check_text(chat.system_prompt, f"The system prompt of {chat.name!r}")
         context = backend.context_length(options)
+        if options.max_new_tokens >= context:
+            raise QwenMagicError(
+                f"--max-new-tokens {options.max_new_tokens} leaves no room for the message in "
+                f"this model's {context}-token context; give less, e.g. -n {context // 4}."
+            )
         try:
             messages, dropped = chat.fit(
                 message,
@@ -159,6 +168,19 @@ class Chat:
             return turn, "nothing was written yet"
         chat.record(turn)
         return turn, None
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text no tokenizer can take: lone surrogates (from binary data, or a broken
+    decode), which have no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise QwenMagicError(
+            f"{what} holds a character that is not valid Unicode ({text[error.start]!r} at "
+            f"position {error.start}, a lone surrogate); remove it, or decode the data it came "
+            "from with errors='replace'."
+        ) from None
 
 
 def _close(pieces: Any) -> None:

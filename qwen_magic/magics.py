@@ -13,6 +13,7 @@ import functools
 import shlex
 import string
 from collections.abc import Callable
+from keyword import iskeyword
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,11 @@ class QwenMagics(Magics):
             message = self._interpolate(message)
         if args.greedy and args.sample:
             raise QwenMagicError("Choose one of --greedy and --sample.")
+        if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
+            raise QwenMagicError(
+                f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "
+                "e.g. -o reply."
+            )
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt

@@ -103,3 +103,17 @@ def shell(fresh_state):
     for name in list(ip.user_ns):
         if name.startswith("qm_"):
             del ip.user_ns[name]
+
+
+@pytest.fixture
+def notebook(tmp_path, monkeypatch, fresh_state):
+    """A notebook announced the way Jupyter Server announces it to a kernel, in its own folder
+    (so that folder can be made read-only)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    path = folder / "analysis.ipynb"
+    path.write_text("{}")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
+    fresh_state.history = None
+    yield path
+    fresh_state.history = None

@@ -37,19 +37,6 @@ FAST = "-n 3 --greedy --view text"
 WARNING = "Could not save conversations"
 
 
-@pytest.fixture
-def notebook(tmp_path, monkeypatch, fresh_state):
-    """A notebook announced the way Jupyter Server announces it, in its own folder."""
-    folder = tmp_path / "work"
-    folder.mkdir()
-    path = folder / "analysis.ipynb"
-    path.write_text("{}")
-    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    fresh_state.history = None
-    yield path
-    fresh_state.history = None
-
-
 def history(notebook: Path) -> Path:
     return notebook.with_name("analysis.qwen.json")
 
@@ -718,3 +705,33 @@ def test_a_history_with_a_multi_line_conversation_name_is_refused(tmp_path):
     with pytest.raises(UsageError) as error:
         read_book(path)
     assert "'a\\nb'" in one_line(error) and "line break" in one_line(error)
+
+
+# -- what a cell can hold --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "says"),
+    [
+        (FAST, "caf\udce9 au lait", "lone surrogate"),
+        (f"{FAST} -s 'x\udcff'", "hello", "lone surrogate"),
+        (f"{FAST} -i", "value: $qm_binary", "lone surrogate"),
+        ("-n 100000", "hello", "leaves no room for the message"),
+        (f"{FAST} -o 1st", "hello", "is not a Python variable name"),
+        (f"{FAST} -o class", "hello", "is not a Python variable name"),
+        (f"{FAST} -t nan", "hello", "--temperature must be a finite number"),
+        (f"{FAST} --repetition-penalty nan", "hello", "--repetition-penalty must be a finite"),
+        (f"{FAST} --seed -3", "hello", "--seed must be between 0"),
+    ],
+)
+def test_bad_cell_input_is_one_line_and_changes_nothing(shell, tiny, line, cell, says):
+    """Text with lone surrogates (typed, or pulled in with -i from bytes decoded with
+    'surrogateescape'), a reply longer than the context, a variable name that is not one, and
+    non-finite or out-of-range numbers: one line each, before any work, nothing recorded."""
+    ask(shell, "first")
+    shell.user_ns["qm_binary"] = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    with pytest.raises(UsageError) as error:
+        shell.run_cell_magic("qwen", line, cell)
+    assert says in one_line(error)
+    assert users(session().conversations) == ["first"]
+    assert "1st" not in shell.user_ns

@@ -16,17 +16,6 @@ from qwen_magic.session import current as session
 FAST = "-n 5 --greedy --view text"
 
 
-@pytest.fixture
-def notebook(tmp_path, monkeypatch, fresh_state):
-    """A notebook path announced the way Jupyter Server announces it to a kernel."""
-    path = tmp_path / "analysis.ipynb"
-    path.write_text("{}")
-    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    fresh_state.history = None
-    yield path
-    fresh_state.history = None
-
-
 def sample_book() -> ConversationBook:
     book = ConversationBook()
     book.get().record(Turn("hi", "hello", model="m", options={"seed": 1}, stats={"new_tokens": 2}))
