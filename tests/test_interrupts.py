@@ -106,6 +106,36 @@ def test_prefill_reads_the_prompt_in_chunks_and_stops_between_them(tiny, monkeyp
     assert again.text and again.stats.cached_prompt_tokens == 0
 
 
+def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny):
+    """Within one chunk, a cancel stops the prefill before the next decoder layer runs, and the
+    layer checks are gone once the prefill has ended."""
+    import torch
+
+    from qwen_magic.caches import new_dynamic_cache
+
+    layers = tiny.model.model.layers
+    cancel = threading.Event()
+    ran: list[int] = []
+    hooks = [
+        layer.register_forward_hook(lambda *_a, index=index: ran.append(index))
+        for index, layer in enumerate(layers)
+    ]
+    first_done = layers[0].register_forward_hook(lambda *_a: cancel.set())
+    ids = torch.tensor([list(range(100, 140))])
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        generation._cache_argument(): new_dynamic_cache(tiny.model.config),
+    }
+    try:
+        covered = generation.prefill(tiny.model, kwargs, cancel)
+    finally:
+        for hook in [*hooks, first_done]:
+            hook.remove()
+    assert ran == [0] and covered == 0
+    assert all(not layer._forward_pre_hooks for layer in layers)
+
+
 def test_chunked_prefill_says_the_same_as_one_prefill(tiny, monkeypatch):
     """Reading a prompt in many small chunks gives the same greedy reply as in one go."""
     messages = [{"role": "user", "content": "Tell me about the sea. " * 30}]
