@@ -630,21 +630,20 @@ class ServerReply:
             self._pieces.put(outcome)
 
     def _as_user_error(self, error: BaseException, streaming: bool) -> BaseException:
-        try:
-            import openai
-        except ImportError:  # pragma: no cover - the worker could not have run
-            return error
+        import openai
+
+        broken = isinstance(error, openai.APIConnectionError) or _is_transport_error(error)
+        if streaming and broken:
+            return ServerError(
+                f"The connection to {self._backend.base_url} broke mid-reply after "
+                f"{len(self.text)} characters (was the server stopped?): the partial reply is "
+                "kept; check the server and ask again."
+            )
         if not isinstance(error, openai.OpenAIError):
             return error  # a bug: keep its own type and traceback
         user_error = self._backend._error(error)
         if isinstance(user_error, ContextTooLong):
             self._backend._learn_limit(user_error.limit)
-        elif streaming and isinstance(error, openai.APIConnectionError):
-            user_error = ServerError(
-                f"The connection to {self._backend.base_url} broke mid-reply after "
-                f"{len(self.text)} characters (was the server stopped?): the partial reply is "
-                "kept; check the server and ask again."
-            )
         return user_error
 
     def _finish_stats(self, started: float) -> None:
@@ -917,6 +916,14 @@ def _cause_text(error: BaseException) -> str:
             parts.append(text)
         seen = seen.__cause__ or seen.__context__
     return " / ".join(parts[1:] or parts)
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """Whether ``error`` is the HTTP library's own (older SDKs let a stream's errors through)."""
+    package = type(error).__module__.partition(".")[0]
+    return package in ("httpx", "httpx2", "httpcore", "httpcore2") and not isinstance(
+        error, (TypeError, ValueError, AttributeError)
+    )
 
 
 def _abort(stream: Any) -> None:
