@@ -696,3 +696,17 @@ def test_on_wait_runs_while_the_server_is_slow_and_fast_is_noted_once():
         "--fast has no effect on a server: its engine decides how to decode."
     ]
     assert backend.notices(fast) == []
+
+
+def test_the_server_benchmark_runs(served):
+    """benchmarks/server.py's measure() runs one interleaved pair and reports both sides."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "server.py"
+    spec = importlib.util.spec_from_file_location("server_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(served.url, pairs=1, new_tokens=4)
+    assert result["server"] == "transformers serve" and result["all_same_text"]
+    assert result["decode_ratio_median"] > 0 and len(result["pairs"]) == 1
+    assert "| decode tokens/s |" in bench.markdown(result)
