@@ -11,7 +11,10 @@ way vLLM does. Replies are kept short (a few dozen tokens at about 10 tokens/s).
 from __future__ import annotations
 
 import _thread
+import importlib.util
 import json
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -19,12 +22,16 @@ from pathlib import Path
 
 import pytest
 
+from qwen_magic.backend import Reply
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
 from .serving import ServeProcess, free_port, serve_missing
 
-pytestmark = pytest.mark.skipif(serve_missing() is not None, reason=str(serve_missing()))
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("openai", "httpx")),
+    reason="the server backend needs openai and httpx: pip install 'qwen_magic[server]'",
+)
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 GREEDY = GenerationOptions(max_new_tokens=16, do_sample=False)
@@ -48,6 +55,8 @@ def one_line(error: BaseException) -> str:
 @pytest.fixture(scope="session")
 def served(demo_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """``transformers serve`` on the demo folder for the whole session, stopped at the end."""
+    if why := serve_missing():
+        pytest.skip(why)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     server = ServeProcess(demo_path, log).start()
     yield server
@@ -57,6 +66,8 @@ def served(demo_path: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def own_server(demo_path: Path, tmp_path: Path):
     """A ``transformers serve`` of this test's own, free to kill and restart."""
+    if why := serve_missing():
+        pytest.skip(why)
     server = ServeProcess(demo_path, tmp_path / "serve.log").start()
     yield server
     server.stop()
@@ -81,6 +92,16 @@ def local_model(demo_path: Path):
     return model, tokenizer
 
 
+def test_importing_the_backend_loads_neither_openai_nor_torch():
+    """The server backend's module imports nothing heavy: openai and transformers come when used."""
+    code = (
+        "import sys, qwen_magic.server_backend\n"
+        "print(sorted(m for m in ('openai', 'torch', 'transformers', 'httpx') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     """A bare URL, with or without /v1, connects to the one served model and reads its context
     from the model's local config (transformers serve reports none)."""
@@ -89,6 +110,9 @@ def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     said: list[str] = []
     backend = ServerBackend.connect(served.url + "/v1/", progress=said.append)
     try:
+        from qwen_magic.backend import Backend
+
+        assert isinstance(backend, Backend)
         config = json.loads((demo_path / "config.json").read_text())
         assert backend.model_id == str(demo_path)
         assert backend.name == demo_path.name
@@ -129,6 +153,7 @@ def test_greedy_over_the_server_equals_in_kernel_generate(backend, local_model):
         expected = tokenizer.decode(new_ids, skip_special_tokens=True)
 
         reply = backend.start(messages, GREEDY)
+        assert isinstance(reply, Reply)
         pieces = list(reply)
         assert reply.text == expected, prompt
         assert "".join(pieces) == reply.text
