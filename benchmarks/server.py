@@ -14,7 +14,11 @@ the machines are shared and noisy; a warm-up request comes first. Run it as::
 
     python benchmarks/server.py                       # its own transformers serve on the demo model
     python benchmarks/server.py --url http://host:8000  # a server that is already running
+    python benchmarks/server.py --synthetic           # a stand-in server with a steady pace
 
+On a shared, busy CPU the model's own speed swings far more than the client's overhead, so
+``--synthetic`` also measures against :func:`synthetic_server`: a small local HTTP server that
+streams canned SSE chunks at a fixed pace (no model), which leaves only the client side to vary.
 It prints a Markdown section (it does not edit BENCHMARKS.md). :func:`measure` is the part to
 call from other code.
 """
@@ -22,12 +26,16 @@ call from other code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import json
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,77 @@ NEW_TOKENS = 64
 PAIRS = 5
 DECODE_GOAL = 0.97
 TTFT_GOAL_SECONDS = 0.030
+
+
+@contextlib.contextmanager
+def synthetic_server(
+    tokens_per_second: float = 50.0, first_token_seconds: float = 0.2
+) -> Iterator[str]:
+    """A stand-in chat server on a loopback port, streaming canned pieces at a steady pace.
+
+    It answers ``GET /v1/models`` (one model) and streamed ``POST /v1/chat/completions``: the
+    role chunk at once, the first piece after ``first_token_seconds``, then ``max_tokens``
+    pieces in all at ``tokens_per_second``, a finish chunk and usage, over HTTP/1.1 chunked
+    encoding (the connection is kept, as with a real server). Yields its base URL.
+    """
+
+    def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {"id": "s", "object": "chat.completion.chunk", "created": 0, "model": "synthetic"}
+        body.update(choices=choices, **({"usage": usage} if usage else {}))
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def send_chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def do_GET(self) -> None:
+            data = {"object": "list", "data": [{"id": "synthetic", "object": "model"}]}
+            payload = json.dumps({**data}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            tokens = int(body.get("max_tokens") or 16)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                self.send_chunk(event({"role": "assistant", "content": ""}))
+                time.sleep(first_token_seconds)
+                for index in range(tokens):
+                    if index:
+                        time.sleep(1 / tokens_per_second)
+                    self.send_chunk(event({"content": f" w{index}"}))
+                usage = {"prompt_tokens": 30, "completion_tokens": tokens}
+                self.send_chunk(event({}, finish="length"))
+                self.send_chunk(event(None, usage={**usage, "total_tokens": tokens + 30}))
+                self.send_chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def bare_stream(client: Any, fields: dict[str, Any]) -> tuple[float, float, str]:
@@ -187,12 +266,21 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server (default: start transformers serve)")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="measure against a steady stand-in server too"
+    )
     parser.add_argument("--model", help="the served model to use (default: the only one)")
     parser.add_argument("--pairs", type=int, default=PAIRS)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args(argv)
 
+    if args.synthetic:
+        with synthetic_server() as synthetic_url:
+            steady = measure(synthetic_url, pairs=args.pairs, new_tokens=args.new_tokens)
+        steady["server"] = "a steady stand-in server, no model"
+        print(markdown(steady))
+        print()
     server = None
     url = args.url
     if url is None:

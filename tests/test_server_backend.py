@@ -82,9 +82,10 @@ def backend(served: ServeProcess):
     connected.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_model(demo_path: Path):
-    """The same demo folder loaded in this process by transformers directly (bf16, CPU)."""
+    """The same demo folder loaded in this process by transformers directly (bf16, CPU), for
+    this module only (1.2 GB)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_path)
