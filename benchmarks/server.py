@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import http.server
 import json
+import os
 import platform
 import statistics
 import sys
@@ -188,6 +189,7 @@ def measure(
     }
     if backend.server_kind != TRANSFORMERS_SERVE:  # the backend asks for usage the same way
         fields["stream_options"] = {"include_usage": True}
+    load_before = os.getloadavg()[0]
     try:
         bare_stream(client, fields)  # warm-up: first-request costs on the server and here
         backend_stream(backend, messages, options)
@@ -228,6 +230,10 @@ def measure(
         "bare_ttft_median_s": statistics.median(r["bare_ttft_s"] for r in rows),
         "backend_ttft_median_s": statistics.median(r["backend_ttft_s"] for r in rows),
         "all_same_text": all(row["same_text"] for row in rows),
+        # The machine's 1-minute load average before and after: above its core count, the
+        # model's speed swings and the pairs compare noise.
+        "load_average": (load_before, os.getloadavg()[0]),
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -258,7 +264,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"[{o_low:+.1f}–{o_high:+.1f}] | ≤ {1000 * TTFT_GOAL_SECONDS:.0f} ms "
         f"({ok[overhead_ms <= 1000 * TTFT_GOAL_SECONDS]}) |",
         "",
-        f"Same text from both sides in every pair: {'yes' if result['all_same_text'] else 'no'}.",
+        f"Same text from both sides in every pair: {'yes' if result['all_same_text'] else 'no'}. "
+        f"Load average {result['load_average'][0]:.1f} before, {result['load_average'][1]:.1f} "
+        f"after, on {result['cpu_count']} cores.",
     ]
     return "\n".join(lines)
 
