@@ -11,7 +11,7 @@ TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 # bench-gpu's Python: the .venv's where there is one, else the machine's python3 (a GPU image).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
-.PHONY: install demo-model demo lab test lint format bench bench-gpu gpu-wheels browser-deps clean
+.PHONY: install demo-model demo lab serve test lint format bench bench-gpu gpu-wheels browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ demo: demo-model  ## run the quickstart notebook headless and show the chat
 
 lab: demo-model  ## open the quickstart in JupyterLab
 	$(BIN)/jupyter lab notebooks/01_quickstart.ipynb
+
+# The demo model behind an OpenAI-compatible server, for `%qwen_load --server` (Ctrl-C stops it).
+PORT ?= 8000
+serve: demo-model  ## serve the demo model with `transformers serve` on 127.0.0.1:$(PORT), CPU
+	@DIR="$$($(BIN)/python -c 'from qwen_magic.demo_model import ensure_demo_model; print(ensure_demo_model(progress=lambda m: None))')"; \
+	echo "Serving $$DIR on http://127.0.0.1:$(PORT); in a notebook:"; \
+	echo "    %qwen_load --server http://127.0.0.1:$(PORT)"; \
+	HF_HUB_OFFLINE=1 exec $(BIN)/transformers serve "$$DIR" --device cpu --host 127.0.0.1 --port $(PORT)
 
 browser-deps:  ## Debian's chromium for the browser test (playwright's own download cannot work offline)
 	@if [ ! -x /usr/bin/chromium ]; then \

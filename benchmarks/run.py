@@ -328,6 +328,71 @@ def bench_overflow(loaded) -> dict:
     }
 
 
+def bench_server() -> dict:
+    """``%%qwen`` over a server (``transformers serve`` on the demo model, this CPU) against a
+    bare ``openai`` stream, interleaved; the same against a steady stand-in server, which leaves
+    only the client's own cost to vary; and time to first token at turns 1, 4 and 8 there."""
+    from benchmarks import server as server_bench
+    from qwen_magic.chat import Chat
+    from qwen_magic.conversation import ConversationBook
+    from qwen_magic.demo_model import ensure_demo_model
+    from qwen_magic.options import GenerationOptions
+    from qwen_magic.server_backend import ServerBackend
+    from tests.serving import ServeProcess, serve_missing
+
+    if why := serve_missing():
+        return {"missing": why}
+    print("server: %%qwen over transformers serve vs a bare openai stream…", flush=True)
+    with server_bench.synthetic_server() as synthetic_url:
+        steady = server_bench.measure(synthetic_url)
+    steady["server"] = "a steady stand-in server (no model)"
+    log = Path(tempfile.mkdtemp(prefix="qwen-magic-bench-")) / "serve.log"
+    served = ServeProcess(ensure_demo_model(progress=lambda message: None), log).start()
+    try:
+        real = server_bench.measure(served.url)
+        backend = ServerBackend.connect(served.url, progress=None)
+        chat = Chat(backend, ConversationBook())
+        options = GenerationOptions(max_new_tokens=32, do_sample=False)
+        turns = [chat.ask(q, options=options, view=NullView()) for q in TURN_QUESTIONS]
+        backend.close()
+    finally:
+        served.stop()
+    return {
+        "steady": steady,
+        "real": real,
+        "steady_markdown": server_bench.markdown(steady),
+        "real_markdown": server_bench.markdown(real),
+        "turn_ttft": {n: turns[n - 1].stats["first_token_seconds"] for n in (1, 4, 8)},
+    }
+
+
+def server_section(server: dict) -> list[str]:
+    if "missing" in server:
+        return ["## `%%qwen` over a server", "", f"Not measured: {server['missing']}.", ""]
+    steady = server["steady"]
+    ttft = server["turn_ttft"]
+    return [
+        "## `%%qwen` over a server",
+        "",
+        "`%qwen_load --server URL` streams through `ServerBackend` (the `openai` SDK, read on a "
+        "worker thread). Against a steady stand-in server the client's own cost is measured "
+        f"alone: decode {steady['decode_ratio_median']:.3f}× a bare `openai` stream, time to "
+        f"first token {1000 * steady['ttft_overhead_median_s']:+.1f} ms. Against "
+        "`transformers serve` on this CPU the model's own speed swings with the machine's load "
+        "(see the load average), so that row is the one to read with care.",
+        "",
+        server["steady_markdown"].replace("## Server backend", "### Server backend"),
+        "",
+        server["real_markdown"].replace("## Server backend", "### Server backend"),
+        "",
+        f"Time to first token over `transformers serve` at turns 1, 4 and 8 of one conversation: "
+        f"{ttft[1]:.2f}, {ttft[4]:.2f}, {ttft[8]:.2f} s. `transformers serve` caches no "
+        "prefixes, so each turn reads the whole prompt; vLLM (automatic prefix caching) and "
+        "SGLang (radix cache) reuse the shared prefix of a follow-up on their side.",
+        "",
+    ]
+
+
 def main() -> None:
     import torch
 
@@ -341,13 +406,20 @@ def main() -> None:
     turns = bench_turns(loaded)
     fast = bench_fast(loaded)
     overflow = bench_overflow(loaded)
-    report = render(facts, load, streaming, turns, fast, overflow)
+    server = bench_server()
+    report = render(facts, load, streaming, turns, fast, overflow, server)
     print(report)
     write_atomic(REPORT, report)
 
 
 def render(
-    facts: dict, load: dict, streaming: dict, turns: dict, fast: dict, overflow: dict
+    facts: dict,
+    load: dict,
+    streaming: dict,
+    turns: dict,
+    fast: dict,
+    overflow: dict,
+    server: dict,
 ) -> str:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
@@ -447,6 +519,7 @@ def render(
         f"{overflow['after_s']:.3f} s after it (median; the slowest, a turn that re-read the "
         f"prompt after a step, {overflow['after_max_s']:.3f} s).",
         "",
+        *server_section(server),
         "## `%%qwen --fast` on this CPU",
         "",
         f"Same prompt as above, greedy, {NEW_TOKENS} new tokens; each mode's first reply timed "

@@ -17,7 +17,10 @@ The protocol is small, in the manner of transformers' ``BaseStreamer``:
   partial text stays in :attr:`Reply.text`. Ctrl-C while iterating cancels too, and re-raises.
 * :attr:`Reply.stats` holds the figures the footer shows, final once the iteration has ended.
 * :meth:`Backend.count_tokens` and :meth:`Backend.context_length` let the chat layer fit a
-  conversation into the context before it asks.
+  conversation into the context before it asks. A backend that learns only when asking that
+  the prompt is too long (a server's own limit) raises
+  :class:`~qwen_magic.errors.ContextTooLong` from the iteration, before any text; the chat
+  layer then fits the conversation again and asks once more.
 
 What a backend keeps between replies (a KV cache, a compiled graph) is its own business: the
 chat layer passes ``conversation``, an opaque key saying which conversation a prompt continues,
@@ -85,6 +88,8 @@ class Reply(Protocol):
     stats: ReplyStats
     #: Called on the reading thread while it waits for text (a Stop click, a wait counter).
     on_wait: Callable[[], Any] | None
+    #: A line to show under the finished reply, if any (e.g. options a server left out).
+    note: str | None
 
     def __iter__(self) -> Iterator[str]: ...
 

@@ -29,12 +29,13 @@ from typing import Any
 from . import session as kernel_session
 from .backend import Backend, Reply
 from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
-from .errors import QwenMagicError
+from .errors import ContextTooLong, QwenMagicError
 from .options import GenerationOptions
 from .view import View, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
 STOPPED_NOTE = "*(stopped)*"
+FAILED_NOTE = "*(the reply broke off here and was not recorded; the error follows)*"
 
 ViewChoice = str | View | Callable[[], View]
 
@@ -96,6 +97,35 @@ class Chat:
         options = options or GenerationOptions()
         chat = self.conversation(conversation)
         check_text(chat.system_prompt, f"The system prompt of {chat.name!r}")
+        shown: View | None = None
+        for attempt in (1, 2):
+            messages, dropped = self._fit(backend, chat, message, options, cell_id, system_prompt)
+            for notice in backend.notices(options):
+                print(notice)
+            reply = backend.start(
+                messages, options, conversation=id(chat) if self.reuse_cache else None
+            )
+            reply.stats.dropped_turns = dropped
+            shown = shown or _make(view)
+            shown.start(reply)
+            try:
+                return self._stream(chat, message, reply, shown, cell_id, options)
+            except ContextTooLong:
+                if attempt == 2 or reply.text:
+                    raise
+                # The backend's real limit was smaller than it knew (a server's): it has
+                # learnt the limit, so fitting again leaves out more of the oldest turns.
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fit(
+        self,
+        backend: Backend,
+        chat: Conversation,
+        message: str,
+        options: GenerationOptions,
+        cell_id: str | None,
+        system_prompt: str | None,
+    ) -> tuple[list[dict[str, str]], int]:
         context = backend.context_length(options)
         if options.max_new_tokens >= context:
             raise QwenMagicError(
@@ -103,7 +133,7 @@ class Chat:
                 f"this model's {context}-token context; give less, e.g. -n {context // 4}."
             )
         try:
-            messages, dropped = chat.fit(
+            return chat.fit(
                 message,
                 backend.count_tokens,
                 context_length=context,
@@ -115,14 +145,18 @@ class Chat:
             if advice := backend.context_advice(options):
                 raise QwenMagicError(f"{error} ({advice})") from error
             raise
-        for notice in backend.notices(options):
-            print(notice)
-        reply = backend.start(
-            messages, options, conversation=id(chat) if self.reuse_cache else None
-        )
-        reply.stats.dropped_turns = dropped
-        shown = _make(view)
-        shown.start(reply)
+
+    def _stream(
+        self,
+        chat: Conversation,
+        message: str,
+        reply: Reply,
+        shown: View,
+        cell_id: str | None,
+        options: GenerationOptions,
+    ) -> Turn:
+        """Show the reply as it comes, then record it; an interrupt records the partial turn
+        and goes on, a failure records nothing and leaves the partial text on screen."""
         pieces = iter(reply)
         try:
             for _piece in pieces:
@@ -132,11 +166,19 @@ class Chat:
             turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
             shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), reply.stats.footer())
             raise
+        except ContextTooLong:
+            raise  # nothing was shown: the caller fits again, or reports it
+        except Exception:
+            if reply.text:  # keep what came on screen; the error follows below it
+                shown.finish(f"{reply.text}\n\n{FAILED_NOTE}", reply.stats.footer())
+            raise
         # A Stop click cancelled the reply: a normal end, recorded as interrupted.
         stopped = reply.cancelled
         turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=stopped)
         text = _with_note(reply.text, STOPPED_NOTE, why_not) if stopped else reply.text
         shown.finish(text, reply.stats.footer())
+        if reply.note:
+            print(reply.note)
         return turn
 
     def _record(

@@ -20,3 +20,16 @@ except ImportError:  # pragma: no cover - exercised by the no-IPython test in a 
 
 class QwenMagicError(_Base):  # type: ignore[valid-type,misc]
     """A mistake the user can fix; the message says how, in one line."""
+
+
+class ContextTooLong(QwenMagicError):
+    """A backend refused the prompt as longer than its context (a server's own limit, which may
+    be smaller than what was known when the prompt was fitted); the chat layer fits the
+    conversation again and tries once more.
+
+    ``limit`` is the context length the backend named, when it named one.
+    """
+
+    def __init__(self, message: str, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit

@@ -127,6 +127,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.text = ""
+        self.note: str | None = None
         self.stats = ReplyStats(prompt_tokens=len(self.prompt_ids))
         self.error: BaseException | None = None
         self._cancel = threading.Event()

@@ -10,6 +10,7 @@ backend, the conversations, the history file) and :class:`~qwen_magic.chat.Chat`
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import string
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from .errors import QwenMagicError
 from .heavy_imports import import_heavy_modules
 from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
 from .view import make_view
+
+#: The environment variable naming the server a bare ``%qwen_load`` connects to.
+SERVER_ENV_VAR = "QWEN_MAGIC_SERVER"
 
 
 def one_line_errors(magic: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,6 +82,11 @@ class QwenMagics(Magics):
         "",
         help="Model %qwen_load uses when none is given (empty: $QWEN_MAGIC_MODEL, else "
         "Qwen/Qwen2-7B-Instruct with CUDA, else the offline demo).",
+    ).tag(config=True)
+    server = Unicode(
+        "",
+        help="OpenAI-compatible server a bare %qwen_load connects to (empty: "
+        "$QWEN_MAGIC_SERVER, else load a model in the kernel).",
     ).tag(config=True)
     dtype = Enum(loading.DTYPES, "auto", help="Default --dtype for %qwen_load.").tag(config=True)
     device = Unicode("auto", help="Default --device for %qwen_load.").tag(config=True)
@@ -147,10 +156,34 @@ class QwenMagics(Magics):
         "model",
         nargs="?",
         default=None,
-        help="Hub id (Qwen/Qwen2-7B-Instruct), local folder, .gguf file, or 'demo'. "
-        "Default: QwenMagics.model, $QWEN_MAGIC_MODEL, then Qwen2-7B-Instruct with CUDA "
-        "or the offline demo model without.",
+        help="Hub id (Qwen/Qwen2-7B-Instruct), local folder, .gguf file, or 'demo'; with "
+        "--server, the served model's name (default: the one it serves). Default: "
+        "QwenMagics.model, $QWEN_MAGIC_MODEL, then Qwen2-7B-Instruct with CUDA or the offline "
+        "demo model without; or, where QwenMagics.server / $QWEN_MAGIC_SERVER is set, that "
+        "server.",
     )
+    @argument_group("On a server (vLLM, SGLang, transformers serve)")
+    @argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="Chat with a model on an OpenAI-compatible server instead of loading one, "
+        "e.g. http://gpu-box:8000 (or .../v1).",
+    )
+    @argument(
+        "--api-key-env",
+        metavar="NAME",
+        default=None,
+        help="Environment variable holding the server's API key (default: QWEN_MAGIC_API_KEY, "
+        "then OPENAI_API_KEY). The key itself is never printed or saved.",
+    )
+    @argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="The server's context in tokens, where it does not report its own.",
+    )
+    @argument_group("In this kernel")
     @argument("--dtype", choices=loading.DTYPES, default=None, help="Weights' dtype (auto).")
     @argument(
         "--device",
@@ -174,10 +207,19 @@ class QwenMagics(Magics):
     @line_magic
     @one_line_errors
     def qwen_load(self, line: str = "") -> None:
-        """Load a Qwen2-family chat model, once per kernel."""
+        """Load a Qwen2-family chat model, once per kernel, or connect to one on a server."""
         args = parse_argstring(self.qwen_load, line)
-        import_heavy_modules()  # default_model_name() imports torch: a Ctrl-C waits for it
         say = (lambda _message: None) if args.quiet else print
+        server = args.server or (None if args.model else self._default_server())
+        if server:
+            self._connect(server, args, say)
+            return
+        if args.api_key_env or args.context_length is not None:
+            raise QwenMagicError(
+                "--api-key-env and --context-length go with --server URL; add it, or leave "
+                "them out to load the model in this kernel."
+            )
+        import_heavy_modules()  # default_model_name() imports torch: a Ctrl-C waits for it
         model = args.model or self.model or None
         if model is None and self.session.loaded_model is None:
             say(
@@ -199,6 +241,36 @@ class QwenMagics(Magics):
         for notice in loaded.notices:
             print(f"Note: {notice}")
         print(loaded.summary())
+
+    def _default_server(self) -> str | None:
+        return self.server or os.environ.get(SERVER_ENV_VAR, "").strip() or None
+
+    def _connect(self, server: str, args: Any, say: Callable[[str], None]) -> None:
+        in_kernel_only = {
+            "--dtype": args.dtype,
+            "--device": args.device,
+            "--attention": args.attention,
+            "--revision": args.revision,
+            "--trust-remote-code": args.trust_remote_code or None,
+        }
+        if given := [flag for flag, value in in_kernel_only.items() if value is not None]:
+            raise QwenMagicError(
+                f"{', '.join(given)} set how a model loads in this kernel; a server has loaded "
+                "its model already, so leave them out with --server."
+            )
+        if not args.server:
+            say(f"Connecting to {server} (from QwenMagics.server or ${SERVER_ENV_VAR}).")
+        backend, fresh = self.session.connect(
+            server,
+            args.model,
+            api_key_env=args.api_key_env,
+            context_length=args.context_length,
+            progress=None,
+        )
+        if not fresh:
+            print(f"Already connected to {backend.name} at {server}; nothing to do.")
+            return
+        print(backend.summary())
 
     # -- chatting ------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ Everything qwen_magic keeps in a kernel lives in one plain object, as IPython's 
 its state in one reloader and jupysql its connections in one manager:
 
 * :attr:`Session.backend`: what writes the replies, a model loaded in this kernel
-  (:class:`~qwen_magic.kernel_backend.KernelBackend`) or a server; one at a time;
+  (:class:`~qwen_magic.kernel_backend.KernelBackend`) or a model on a server
+  (:class:`~qwen_magic.server_backend.ServerBackend`, :meth:`Session.connect`); one at a time;
 * :attr:`Session.conversations`: the notebook's named conversations;
 * :attr:`Session.history`: the file they are saved to after each turn, if any.
 
@@ -77,6 +78,42 @@ class Session:
         )
         self.backend = KernelBackend(loaded)
         return loaded, True
+
+    def connect(
+        self,
+        url: str,
+        model: str | None = None,
+        *,
+        api_key_env: str | None = None,
+        context_length: int | None = None,
+        progress: Progress | None = print,
+    ) -> tuple[Backend, bool]:
+        """Chat with a model on an OpenAI-compatible server instead of loading one; return the
+        backend and whether it connected now (the same server and model again: a no-op).
+
+        Everything is checked before the current backend goes: a wrong URL or model name
+        leaves the model loaded now in place."""
+        from .server_backend import ServerBackend, normalize_url
+
+        current = self.backend
+        if (
+            isinstance(current, ServerBackend)
+            and current.base_url == normalize_url(url)
+            and model in (None, current.model_id)
+            and context_length is None
+        ):
+            return current, False
+        backend = ServerBackend.connect(
+            url,
+            model,
+            api_key_env=api_key_env,
+            context_length=context_length,
+            progress=None,
+        )
+        self.use(backend)
+        if progress is not None:
+            progress(backend.summary())
+        return backend, True
 
     def use(self, backend: Backend) -> Backend:
         """Make ``backend`` the one in use; the previous one is closed first."""
