@@ -84,9 +84,10 @@ class Chat:
     ) -> Turn:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
-        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View`, or a
-        function making one (called only once the message is known to fit, so an error leaves
-        no empty widget).
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View` (or
+        any object with its ``update(text)`` and ``finish(text, footer)``; ``start`` is
+        optional), or a function making one (called only once the message is known to fit, so
+        an error leaves no empty widget).
         """
         if not message.strip():
             raise QwenMagicError("The message is empty; write your question in the cell body.")
@@ -107,7 +108,8 @@ class Chat:
             )
             reply.stats.dropped_turns = dropped
             shown = shown or _make(view)
-            shown.start(reply)
+            if (start := getattr(shown, "start", None)) is not None:  # optional for your own
+                start(reply)
             try:
                 return self._stream(chat, message, reply, shown, cell_id, options)
             except ContextTooLong:
@@ -243,8 +245,8 @@ def _with_note(text: str, note: str, why_not_recorded: str | None) -> str:
 def _make(view: ViewChoice) -> View:
     if isinstance(view, str):
         return make_view(view)
-    if isinstance(view, View):
-        return view
+    if isinstance(view, View) or (hasattr(view, "update") and hasattr(view, "finish")):
+        return view  # a View, or any object with update(text) and finish(text, footer)
     return view()
 
 
