@@ -381,7 +381,7 @@ def load_quantized(
     if folder is not None and is_complete(folder, key):
         try:
             model = load_saved(folder, config, dtype, attention, common["trust_remote_code"])
-            return model, [f"{fmt} weights from the cache ({folder})"]
+            return model, [f"{fmt} weights from the cache, quantized at an earlier load"]
         except Exception as error:  # a file the checks passed but torch cannot use
             notes.append(f"the quantized cache could not be used ({error}); quantized again")
     started = time.perf_counter()
