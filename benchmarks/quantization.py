@@ -337,7 +337,7 @@ def section(result: dict) -> str:
         *[
             f"| {label[fmt]} | {row['method']} | {row['tokens_per_s']:.1f} | {ratio(fmt)} "
             f"| {row['bound_tps']:.0f} | {row['bound_fraction']:.0%} | {row['agreement']:.1%} "
-            f"| {row['nll']:.3f} |"
+            f"| {row['nll']:.4f} |"
             for fmt, row in formats.items()
         ],
         "",
