@@ -408,10 +408,17 @@ def load_quantized(
         return model, notes
     from filelock import FileLock
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{folder.name}.lock")):
-        if not is_complete(folder, key):  # another kernel may have written it meanwhile
-            save_quantized(model, folder, key)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder.parent / f".{folder.name}.lock")):
+            if not is_complete(folder, key):  # another kernel may have written it meanwhile
+                save_quantized(model, folder, key)
+    except OSError as error:  # a full disk or a read-only cache: the model is loaded anyway
+        notes.append(
+            f"quantized to {fmt} in {seconds:.0f} s, but could not keep it in {folder.parent} "
+            f"({error.strerror or error}); the next load quantizes again"
+        )
+        return model, notes
     notes.append(f"quantized to {fmt} in {seconds:.0f} s; kept in {folder} for the next load")
     return model, notes
 

@@ -122,6 +122,22 @@ def test_damaged_cache_is_quantized_again(tiny_model_path, scratch_cache, no_cud
     assert quantize.is_complete(folder, json.loads((folder / quantize.MANIFEST).read_text())["key"])
 
 
+def test_a_cache_that_cannot_be_written_still_loads_the_model(
+    tiny_model_path, scratch_cache, monkeypatch, no_cuda
+):
+    """When the quantized weights cannot be saved (full disk, read-only cache), the load still
+    succeeds and a note says the next load quantizes again."""
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantize, "save_quantized", full_disk)
+    loaded = load_tiny(tiny_model_path, "int8")
+    assert loaded.quantization == "int8"
+    assert any("No space left on device" in note for note in loaded.notices)
+    assert torch.isfinite(logits(loaded)).all()
+
+
 def test_cache_key_follows_source_format_and_versions(tiny_model_path, monkeypatch):
     """The cache key changes with the format, a library version, and the source's files."""
     key = quantize.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
