@@ -13,7 +13,11 @@ Measured on the offline demo model (Qwen2.5-Coder-0.5B-Instruct, bf16):
 * multi-turn: time to first token at turns 1, 4 and 8 of one conversation, with and without
   KV-cache reuse;
 * memory: RSS after load against the weights' size; cancellation latency after an interrupt;
-* ``%%qwen --fast`` on the CPU: its static cache as shipped, and compiled anyway, against normal.
+* ``%%qwen --fast`` on the CPU: its static cache as shipped, and compiled anyway, against normal;
+* ``%qwen_load demo --quantize none|int8|int4``: decode speed, first reply, load time, peak RSS,
+  the fraction of the memory-bandwidth bound, and top-1 agreement and NLL against bf16
+  (``benchmarks/quantization.py``; ``python benchmarks/run.py --only quantize`` runs that part
+  alone and replaces only its section).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import quantization  # noqa: E402
 from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
 from qwen_magic.persistence import write_atomic  # noqa: E402
 from qwen_magic.view import NullView  # noqa: E402
@@ -393,12 +398,23 @@ def server_section(server: dict) -> list[str]:
     ]
 
 
+def bench_quantize() -> dict:
+    """``--quantize none|int8|int4`` on the demo model, each against bf16 in the same run."""
+    print("quantize: none, int8, int4 (about 5 minutes)…", flush=True)
+    return quantization.bench_quantize()
+
+
 def main() -> None:
     import torch
 
     import qwen_magic
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if sys.argv[1:] == ["--only", "quantize"]:
+        result = bench_quantize()
+        print(quantization.section(result))
+        quantization.write_only_this_section(result, REPORT)
+        return
     facts = machine_facts()
     load = bench_load()
     loaded = qwen_magic.load("demo", progress=None)
@@ -407,7 +423,9 @@ def main() -> None:
     fast = bench_fast(loaded)
     overflow = bench_overflow(loaded)
     server = bench_server()
-    report = render(facts, load, streaming, turns, fast, overflow, server)
+    del loaded
+    quant = bench_quantize()
+    report = render(facts, load, streaming, turns, fast, overflow, server, quant)
     print(report)
     write_atomic(REPORT, report)
 
@@ -420,6 +438,7 @@ def render(
     fast: dict,
     overflow: dict,
     server: dict,
+    quant: dict | None = None,
 ) -> str:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
@@ -539,6 +558,7 @@ def render(
             )
         ],
         "",
+        quantization.section(quant) if quant else existing_section(quantization.HEADING),
         existing_gpu_section(),
     ]
     return "\n".join(lines)
@@ -549,6 +569,14 @@ GPU_PLACEHOLDER = """## GPU
 Not measured yet. Run `make bench-gpu` on a CUDA machine (`benchmarks/gpu.py`): it replaces this
 section with the card's name and its numbers.
 """
+
+
+def existing_section(heading: str) -> str:
+    """A section of the current BENCHMARKS.md, kept as it is ("" if there is none)."""
+    try:
+        return read_section(REPORT.read_text(), heading) or ""
+    except OSError:
+        return ""
 
 
 def existing_gpu_section() -> str:

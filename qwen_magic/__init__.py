@@ -59,6 +59,7 @@ def load(model: str | None = None, **how: Any) -> LoadedModel:
     """Load ``model`` into this kernel once (``%qwen_load``'s Python face) and return it.
 
     ``how``: ``dtype``, ``device``, ``attention``, ``revision``, ``trust_remote_code``,
+    ``quantize`` ("none", "int8" or "int4": weight-only, see :mod:`qwen_magic.quantize`),
     ``progress`` (a function taking each progress line, or None for silence).
     """
     loaded, _fresh = current_session().load_model(model, **how)

@@ -49,6 +49,8 @@ class ReplyStats:
     interrupted: bool = False
     dropped_turns: int = 0
     cached_prompt_tokens: int = 0
+    #: How the model's weights are quantized ("int8", "int4"; "" when they are not).
+    quantization: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -66,6 +68,8 @@ class ReplyStats:
             f"first token {first}",
             f"{self.tokens_per_second:.1f} tokens/s",
         ]
+        if self.quantization:
+            parts.append(f"{self.quantization} weights")
         if self.dropped_turns:
             parts.append(f"{self.dropped_turns} oldest turns left out to fit the context")
         if self.interrupted:
@@ -75,6 +79,8 @@ class ReplyStats:
     def as_record(self) -> dict[str, Any]:
         """The stats as a saved turn keeps them."""
         record = asdict(self)
+        if not self.quantization:  # unquantized replies leave no trace in saved turns
+            del record["quantization"]
         record["tokens_per_second"] = round(self.tokens_per_second, 2)
         return record
 

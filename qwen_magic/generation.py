@@ -128,7 +128,11 @@ class Generation:
     def __post_init__(self) -> None:
         self.text = ""
         self.note: str | None = None
-        self.stats = ReplyStats(prompt_tokens=len(self.prompt_ids))
+        quantized = self.loaded.quantization != "none"
+        self.stats = ReplyStats(
+            prompt_tokens=len(self.prompt_ids),
+            quantization=self.loaded.quantization if quantized else "",
+        )
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None

@@ -117,8 +117,11 @@ def check_not_half_imported() -> None:
 
 
 def _import_all() -> None:
-    for name in HEAVY_MODULES:
-        importlib.import_module(name)
+    from .quantize import quiet_torchao_import
+
+    with quiet_torchao_import():  # transformers imports torchao, where installed, on the way
+        for name in HEAVY_MODULES:
+            importlib.import_module(name)
 
 
 def _may_hold(handler: Any) -> bool:

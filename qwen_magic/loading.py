@@ -2,7 +2,8 @@
 
 A :class:`ModelSpec` names what to load: a hub id (``Qwen/Qwen2-7B-Instruct``), a local Hugging
 Face folder, a ``.gguf`` file, or ``demo`` (the offline demo model, see ``demo_model``), plus how
-(dtype, device, attention, revision, trust_remote_code). :func:`load_model` returns a
+(dtype, device, attention, revision, trust_remote_code, and ``quantize``: the weights kept in 8 or 4
+bits, see :mod:`qwen_magic.quantize`). :func:`load_model` returns a
 :class:`LoadedModel`: the spec is checked first (path, config, device, memory), so a mistake
 leaves the current model usable; only then is room made (the kernel's session releases the old
 model: references dropped, ``gc``, CUDA cache emptied) and the weights loaded. Keeping one model
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QwenMagicError
+from .quantize import FORMATS as QUANTIZE_FORMATS
 
 DEFAULT_GPU_MODEL = "Qwen/Qwen2-7B-Instruct"
 MODEL_ENV_VAR = "QWEN_MAGIC_MODEL"
@@ -47,6 +49,8 @@ class ModelSpec:
     attention: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    #: Weight-only quantization: "none", "int8" or "int4" (see :mod:`qwen_magic.quantize`).
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -58,6 +62,11 @@ class ModelSpec:
         if self.attention not in ATTENTIONS:
             raise QwenMagicError(
                 f"Unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}."
+            )
+        if self.quantize not in QUANTIZE_FORMATS:
+            raise QwenMagicError(
+                f"Unknown --quantize {self.quantize!r}; choose one of "
+                f"{', '.join(QUANTIZE_FORMATS)}."
             )
 
 
@@ -77,6 +86,10 @@ class LoadedModel:
     memory_bytes: int
     load_seconds: float
     notices: list[str] = field(default_factory=list)
+    #: "none", "int8" or "int4": how the linear layers' weights are stored.
+    quantization: str = "none"
+    #: How the quantized weights are stored and multiplied, in a few words ("" if none).
+    quantization_method: str = ""
 
     @property
     def device(self) -> Any:
@@ -89,9 +102,12 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 32768))
 
     def summary(self) -> str:
-        """One line: name, parameters, dtype, device(s), memory, seconds."""
+        """One line: name, parameters, dtype (and quantization), device(s), memory, seconds."""
+        dtype = self.dtype
+        if self.quantization != "none":
+            dtype = f"{self.quantization_method}, {self.dtype} activations"
         return (
-            f"Loaded {self.name}: {self.parameters / 1e9:.2f}B parameters, {self.dtype}, "
+            f"Loaded {self.name}: {self.parameters / 1e9:.2f}B parameters, {dtype}, "
             f"{'+'.join(self.devices)}, attention {self.attention}, "
             f"{self.memory_bytes / 2**30:.2f} GiB, {self.load_seconds:.1f} s"
         )
@@ -136,6 +152,7 @@ def model_spec(
     attention: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> ModelSpec:
     """The spec for ``model`` (default: :func:`default_model_name`) and how to load it."""
     return ModelSpec(
@@ -145,6 +162,7 @@ def model_spec(
         attention=attention,
         revision=revision,
         trust_remote_code=trust_remote_code,
+        quantize=quantize,
     )
 
 
@@ -182,6 +200,7 @@ class _Plan:
     device_map: Any
     attention: str
     notices: list[str]
+    on_cuda: bool = False
 
 
 def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
@@ -205,8 +224,16 @@ def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
             notices.append("float16 is slow on CPU; bfloat16 or float32 is the better choice.")
 
     attention = _attention(spec.attention, on_cuda, notices)
+    if spec.quantize != "none":
+        from .quantize import check_format
+
+        check_format(spec.quantize, on_cuda)
+        if on_cuda and device_map != "auto" and not isinstance(device_map, (str, int)):
+            notices.append("quantizing a model spread by a device map is untested.")
     _check_memory(path, gguf_file, spec, on_cuda, freed_bytes)
-    return _Plan(path, gguf_file, name, source, torch_dtype, device_map, attention, notices)
+    return _Plan(
+        path, gguf_file, name, source, torch_dtype, device_map, attention, notices, on_cuda
+    )
 
 
 def _resolve_source(spec: ModelSpec, say: Progress) -> tuple[str, str | None, str, str]:
@@ -409,9 +436,10 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    quantized = spec.quantize != "none"
     say(
         f"Loading {plan.name}: dtype {spec.dtype}, device {spec.device}, "
-        f"attention {plan.attention}…"
+        f"attention {plan.attention}" + (f", quantize {spec.quantize}" if quantized else "") + "…"
     )
     common = {
         "gguf_file": plan.gguf_file,
@@ -424,13 +452,30 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(plan.path, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            plan.path,
-            dtype=plan.torch_dtype,
-            device_map=plan.device_map,
-            attn_implementation=plan.attention,
-            **common,
-        )
+        if quantized:
+            from .quantize import load_quantized
+
+            model, quantize_notes = load_quantized(
+                path=plan.path,
+                gguf_file=plan.gguf_file,
+                name=plan.name,
+                fmt=spec.quantize,
+                dtype=plan.torch_dtype,
+                device_map=plan.device_map,
+                on_cuda=plan.on_cuda,
+                attention=plan.attention,
+                common=common,
+                say=say,
+            )
+            plan.notices.extend(quantize_notes)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                plan.path,
+                dtype=plan.torch_dtype,
+                device_map=plan.device_map,
+                attn_implementation=plan.attention,
+                **common,
+            )
     except Exception as error:
         if is_out_of_memory(error):
             # The old model went before loading began; what is left is the partial new one.
@@ -454,6 +499,12 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
 
     device_map = getattr(model, "hf_device_map", None)
     devices = sorted({str(d) for d in device_map.values()}) if device_map else [str(model.device)]
+    if quantized:
+        from .quantize import describe, weight_bytes
+
+        memory_bytes, method = weight_bytes(model), describe(spec.quantize, plan.on_cuda)
+    else:
+        memory_bytes, method = int(model.get_memory_footprint()), ""
     return LoadedModel(
         spec=spec,
         model=model,
@@ -464,9 +515,11 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
         devices=devices,
         attention=str(getattr(model.config, "_attn_implementation", plan.attention)),
         parameters=model.num_parameters(),
-        memory_bytes=int(model.get_memory_footprint()),
+        memory_bytes=memory_bytes,
         load_seconds=0.0,
         notices=plan.notices,
+        quantization=spec.quantize,
+        quantization_method=method,
     )
 
 
