@@ -83,9 +83,10 @@ class Chat:
     ) -> Turn:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
-        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View`, or a
-        function making one (called only once the message is known to fit, so an error leaves
-        no empty widget).
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View` (or
+        any object with its ``update(text)`` and ``finish(text, footer)``; ``start`` is
+        optional), or a function making one (called only once the message is known to fit, so
+        an error leaves no empty widget).
         """
         if not message.strip():
             raise QwenMagicError("The message is empty; write your question in the cell body.")
@@ -122,7 +123,8 @@ class Chat:
         )
         reply.stats.dropped_turns = dropped
         shown = _make(view)
-        shown.start(reply)
+        if (start := getattr(shown, "start", None)) is not None:  # optional for your own views
+            start(reply)
         pieces = iter(reply)
         try:
             for _piece in pieces:
@@ -201,8 +203,8 @@ def _with_note(text: str, note: str, why_not_recorded: str | None) -> str:
 def _make(view: ViewChoice) -> View:
     if isinstance(view, str):
         return make_view(view)
-    if isinstance(view, View):
-        return view
+    if isinstance(view, View) or (hasattr(view, "update") and hasattr(view, "finish")):
+        return view  # a view, or any object with update(text) and finish(text, footer)
     return view()
 
 
