@@ -45,10 +45,11 @@ def one_line_errors(magic: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return magic(self, *args, **kwargs)
         except QwenMagicError as error:
-            shown = UsageError(str(error))
+            shown = notebook.mark_own_error(UsageError(str(error)))
             notebook.note_magic_error(self.shell, shown, self.session.magic_errors)
             raise shown from error
         except (UsageError, KeyboardInterrupt) as error:  # a bad option; an interrupted reply
+            notebook.mark_own_error(error)
             notebook.note_magic_error(self.shell, error, self.session.magic_errors)
             raise
 
@@ -152,6 +153,7 @@ class QwenMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.chat = Chat()
+        notebook.ErrorWatcher.install(self.shell)  # for %qwen_error
         self._attach_history()
 
     @property
@@ -350,6 +352,7 @@ class QwenMagics(Magics):
     @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
     @argument_group("The conversation and the result")
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
+    @argument("--new", action="store_true", help="Start the conversation afresh.")
     @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
     @argument(
         "-x",
@@ -366,7 +369,8 @@ class QwenMagics(Magics):
         conversation, so a follow-up can ask for more. Errors of qwen_magic's own magics do not
         count."""
         args, instruction = split_instruction(self.qwen_error, line)
-        error = notebook.last_error(self.shell, self.session.magic_errors)
+        session = self.session
+        error = notebook.last_error(self.shell, session.magic_errors, session.last_cell_error)
         if error is None:
             print("No error to send yet: no cell has raised one since the kernel started.")
             return

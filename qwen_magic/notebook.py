@@ -4,15 +4,24 @@ The magics call these plain functions; none of them touches a model.
 
 **The last error** (``%qwen_error``): :func:`last_error` finds the most recent cell that raised,
 its number and source (``In[n]``) and its traceback as IPython showed it, without the ANSI
-colour codes. IPython 9 keeps every failed cell's formatted traceback in
-``shell.history_manager.exceptions`` (keyed by execution count, as ``In`` is); older IPython
-only keeps the last exception in ``sys.last_value``, whose cell is found from the traceback's
-frames (each cell is compiled under a file name IPython maps back to its number). Errors that
-qwen_magic's own magics raised (a one-line mistake such as a bad option, or an interrupted
-reply) are noted by :func:`note_magic_error` and never count: asking about the last error should
-not answer "you typed -n ten". IPython's own one-line errors (an unknown ``%magic``) do count.
-:func:`error_prompt` turns the error into a message, trimming a long traceback to its head and
-its last frames (and saying so).
+colour codes. Three sources, the first that knows one:
+
+1. :class:`ErrorWatcher`, a ``post_run_cell`` hook installed with the magics, keeps every
+   failed cell's source and exception from ``%load_ext`` on, whichever frontend runs the cells
+   (nbval runs them with ``store_history=False``, so they are numbered nowhere; then the cell
+   has no number);
+2. IPython 9 keeps every failed cell's formatted traceback in
+   ``shell.history_manager.exceptions`` (keyed by execution count, as ``In`` is), which covers
+   errors from before ``%load_ext``;
+3. older IPython only keeps the last exception in ``sys.last_value``, whose cell is found from
+   the traceback's frames (each cell is compiled under a file name IPython maps back to its
+   number).
+
+Errors that qwen_magic's own magics raised (a one-line mistake such as a bad option, or an
+interrupted reply) never count: asking about the last error should not answer "you typed -n
+ten". They are marked (:func:`mark_own_error`) and their cells noted (:func:`note_magic_error`).
+IPython's own one-line errors (an unknown ``%magic``) do count. :func:`error_prompt` turns the
+error into a message, trimming a long traceback to its head and its last frames (and saying so).
 
 **Cells and values** (``%%qwen -i``): :func:`interpolate` replaces ``$name``, ``${name}`` and
 ``${expression}`` with values from the user's namespace. An expression is a name followed by
@@ -73,7 +82,52 @@ class CellError:
 
     @property
     def where(self) -> str:
-        return f"In[{self.number}]" if self.number is not None else "a cell"
+        """``cell In[3]``, or ``a cell`` where the frontend did not number it (nbval)."""
+        return f"cell In[{self.number}]" if self.number is not None else "a cell"
+
+
+#: The attribute marking an exception raised by one of qwen_magic's magics.
+OWN_ERROR = "_qwen_magic_own_error"
+
+
+def mark_own_error(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised by one of qwen_magic's magics; returns it."""
+    setattr(error, OWN_ERROR, True)
+    return error
+
+
+class ErrorWatcher:
+    """A ``post_run_cell`` hook keeping the last failed cell in the kernel's session."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+
+    @classmethod
+    def install(cls, shell: Any) -> None:
+        """Watch ``shell``'s cells; a watcher installed before (``%reload_ext``) is replaced."""
+        events = getattr(shell, "events", None)
+        if events is None:
+            return
+        for callback in list(events.callbacks.get("post_run_cell", [])):
+            if type(getattr(callback, "__self__", None)).__name__ == cls.__name__:
+                events.unregister("post_run_cell", callback)
+        events.register("post_run_cell", cls(shell).post_run_cell)
+
+    def post_run_cell(self, result: Any) -> None:
+        error = None if result is None else result.error_before_exec or result.error_in_exec
+        if error is None or getattr(error, OWN_ERROR, False):
+            return
+        from . import session
+
+        info = result.info
+        stored = bool(getattr(info, "store_history", False))
+        session.current().last_cell_error = CellError(
+            number=result.execution_count if stored else None,
+            source=getattr(info, "raw_cell", "") or "",
+            ename=type(error).__name__,
+            evalue=str(error),
+            traceback=format_traceback(self.shell, error),
+        )
 
 
 def magic_error_key(number: int, error: BaseException) -> tuple[int, str, str]:
@@ -89,9 +143,16 @@ def note_magic_error(shell: Any, error: BaseException, noted: set[tuple[int, str
         noted.add(magic_error_key(count - 1, error))
 
 
-def last_error(shell: Any, ignore: set[tuple[int, str, str]] | None = None) -> CellError | None:
-    """The most recent error a cell raised, leaving out those in ``ignore`` (qwen_magic's
+def last_error(
+    shell: Any,
+    ignore: set[tuple[int, str, str]] | None = None,
+    watched: CellError | None = None,
+) -> CellError | None:
+    """The most recent error a cell raised: ``watched`` (what :class:`ErrorWatcher` saw since
+    ``%load_ext``), else IPython's own record, leaving out those in ``ignore`` (qwen_magic's
     own); None if there is none."""
+    if watched is not None:
+        return watched
     ignore = ignore or set()
     stored = getattr(getattr(shell, "history_manager", None), "exceptions", None)
     if isinstance(stored, dict):
@@ -124,7 +185,7 @@ def _from_sys(shell: Any, ignore: set[tuple[int, str, str]]) -> CellError | None
     number = _cell_number(shell, value)
     if number is not None and magic_error_key(number, value) in ignore:
         return None
-    if _raised_by_qwen_magic(value):
+    if getattr(value, OWN_ERROR, False) or _raised_by_qwen_magic(value):
         return None
     return CellError(
         number=number,
@@ -163,7 +224,9 @@ def format_traceback(shell: Any, value: BaseException) -> list[str]:
     """``value``'s traceback as IPython shows it, in pieces, without colour codes."""
     etype, tb = type(value), value.__traceback__
     try:
-        if hasattr(value, "_render_traceback_"):
+        if etype.__name__ == "UsageError":  # IPython shows these as one line
+            pieces = [f"UsageError: {value}"]
+        elif hasattr(value, "_render_traceback_"):
             pieces = value._render_traceback_()
         elif isinstance(value, SyntaxError):
             pieces = shell.SyntaxTB.structured_traceback(etype, value, [])
@@ -213,9 +276,10 @@ def error_prompt(error: CellError, instruction: str = "", limit: int = ERROR_LIM
         source = source[:source_limit]
     traceback, left_out = trim_traceback(error.traceback, max(limit - len(source), 400))
     trimmed = " (trimmed to fit: the middle is left out)" if left_out else ""
-    cell = f"Cell {error.where}{cut_source}:\n```python\n{source}\n```\n\n" if source else ""
+    title = f"Cell In[{error.number}]" if error.number is not None else "The cell"
+    cell = f"{title}{cut_source}:\n```python\n{source}\n```\n\n" if source else ""
     return (
-        f"Running cell {error.where} of my notebook raised {error.ename}.\n\n"
+        f"Running {error.where} of my notebook raised {error.ename}.\n\n"
         f"{cell}"
         f"Traceback{trimmed}:\n```\n{traceback}\n```\n\n"
         f"{instruction.strip() or EXPLAIN_AND_FIX}"

@@ -97,6 +97,38 @@ def test_qwen_magics_own_mistakes_do_not_count_but_ipythons_do(shell, cells, tin
     assert notebook.last_error(shell, session().magic_errors).ename == "UsageError"
 
 
+def test_failed_cells_are_watched_even_when_the_frontend_does_not_number_them(shell, cells, tiny):
+    """A cell run without history (as nbval runs them) is still the last error, with no number;
+    qwen_magic's own mistakes are not watched."""
+    shell.run_cell("qm_ratio = 1 / 0", store_history=False)
+    shell.run_cell("%%qwen --bogus\nhi", store_history=False)
+    shell.run_cell("%qm_no_such_magic", store_history=False)
+    shell.run_cell("%qwen_pop -c nope", store_history=False)
+    watched = session().last_cell_error
+    assert (watched.ename, watched.number, watched.source) == (
+        "UsageError",
+        None,
+        "%qm_no_such_magic",
+    )
+    shell.run_cell("qm_ratio = 1 / 0", store_history=False)
+    shell.run_line_magic("qwen_error", FAST)
+    user = turns()[-1].user
+    assert user.startswith("Running a cell of my notebook raised ZeroDivisionError.")
+    assert "The cell:\n```python\nqm_ratio = 1 / 0\n```" in user
+
+
+def test_one_watcher_after_reload_ext(shell):
+    """%reload_ext replaces the error watcher instead of adding a second one."""
+    shell.run_line_magic("reload_ext", "qwen_magic")
+    shell.run_line_magic("reload_ext", "qwen_magic")
+    watchers = [
+        callback
+        for callback in shell.events.callbacks["post_run_cell"]
+        if type(getattr(callback, "__self__", None)).__name__ == "ErrorWatcher"
+    ]
+    assert len(watchers) == 1
+
+
 def test_older_ipython_path_finds_the_cell_from_the_traceback(shell, cells):
     """Without IPython 9's record of errors, the last exception shown (sys.last_value) is used,
     and its cell is found from the traceback's frames."""
@@ -146,7 +178,8 @@ def test_error_prompt_holds_the_cell_the_traceback_and_the_question():
     user's instruction."""
     error = notebook.CellError(3, "1 / 0", "ZeroDivisionError", "division by zero", ["E: d"])
     prompt = notebook.error_prompt(error)
-    assert "Running cell In[3] of my notebook raised ZeroDivisionError." in prompt
+    assert prompt.startswith("Running cell In[3] of my notebook raised ZeroDivisionError.")
+    assert "Cell In[3]:\n```python" in prompt
     assert "```python\n1 / 0\n```" in prompt and "```\nE: d\n```" in prompt
     assert prompt.endswith(notebook.EXPLAIN_AND_FIX)
     assert notebook.error_prompt(error, "Only name the error.").endswith("Only name the error.")
@@ -365,16 +398,26 @@ def test_qwen_error_code_offers_the_fixed_cell(shell, cells):
     assert "print(1 / 0)" in backend.prompts[-1][-1]["content"]
 
 
-def test_in_a_kernel_qwen_error_works_and_code_reaches_the_frontend(tiny_model_path):
-    """In a real kernel, %qwen_error finds the failed cell, and --code sends a set_next_input
-    payload (what JupyterLab turns into a new cell below), not run."""
+def last_message(k) -> str:
+    return k.value("__import__('qwen_magic').Chat().conversation().turns[-1].user")
+
+
+def test_in_a_kernel_the_error_cells_and_code_work(tiny_model_path):
+    """In a real kernel, %qwen_error finds the failed cell, -i reads In[n] and Out[n], and
+    --code sends a set_next_input payload (what JupyterLab turns into a new cell below), not
+    run."""
     with kernel() as k:
         k.run_ok(f"%load_ext qwen_magic\n%qwen_load {tiny_model_path} --device cpu --quiet")
         failed = k.run("qm_items = {}\nqm_items['missing']")
         assert failed["status"] == "error" and failed["ename"] == "KeyError"
         k.run_ok("%qwen_error -n 4 --greedy --view text")
-        user = k.value("__import__('qwen_magic').Chat().conversation().turns[-1].user")
+        user = last_message(k)
         assert f"cell In[{failed['execution_count']}]" in user and "KeyError: 'missing'" in user
+        number = k.run("qm_n = 20\nqm_n + 22")["execution_count"]
+        k.run_ok(
+            f"%%qwen -i -n 4 --greedy --view text\n${{In[{number}]}} showed ${{Out[{number}]}}"
+        )
+        assert last_message(k) == "qm_n = 20\nqm_n + 22 showed 42"
         k.run_ok(
             "from tests.helpers import ScriptedBackend\n"
             "__import__('qwen_magic').current_session().use(ScriptedBackend("
