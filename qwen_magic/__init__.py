@@ -11,6 +11,8 @@ In a notebook::
 The reply streams into the cell as the model writes it, and the next ``%%qwen`` cell is a
 follow-up in the same conversation. ``%qwen_load?`` and ``%%qwen?`` list every option;
 ``%qwen_history``, ``%qwen_reset``, ``%qwen_pop`` and ``%qwen_system`` manage the conversation.
+``%qwen_error`` sends the last failed cell and its traceback; ``%%qwen -i`` takes ``${In[3]}``,
+``${Out[3]}`` and ``${df.columns}``; ``--code`` puts the reply's code into a new cell below.
 
 From plain Python::
 

@@ -51,6 +51,9 @@ class ReplyStats:
     cached_prompt_tokens: int = 0
     #: How the model's weights are quantized ("int8", "int4"; "" when they are not).
     quantization: str = ""
+    #: Why the reply ended: "eos" (the model finished), "length" (it reached max_new_tokens;
+    #: a server's ``finish_reason == "length"``), "cancelled" (Stop, Ctrl-C); None: unknown.
+    stop_reason: str | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,7 +64,8 @@ class ReplyStats:
         return (self.new_tokens - 1) / decode if decode > 0 else 0.0
 
     def footer(self) -> str:
-        """One line for under the reply: tokens, time to first token, speed, what was left out."""
+        """One line for under the reply: tokens, time to first token, speed, what was left out,
+        and whether the reply was cut (by the token limit, or by an interrupt)."""
         first = "–" if self.first_token_seconds is None else f"{self.first_token_seconds:.2f} s"
         parts = [
             f"{self.new_tokens} tokens",
@@ -72,6 +76,8 @@ class ReplyStats:
             parts.append(f"{self.quantization} weights")
         if self.dropped_turns:
             parts.append(f"{self.dropped_turns} oldest turns left out to fit the context")
+        if self.stop_reason == "length" and not self.interrupted:
+            parts.append(f"stopped at the {self.new_tokens}-token limit (-n)")
         if self.interrupted:
             parts.append("interrupted")
         return " · ".join(parts)

@@ -198,12 +198,26 @@ class Generation:
             held = self._wait_for_worker()
             self.stats.total_seconds = time.perf_counter() - self._started
             self.stats.interrupted = self.cancelled
+            self.stats.stop_reason = self._stop_reason()
             if held is not None:
                 raise held
         if self.error is not None:
             raise _explain(self.error) from self.error
         if self._sequence is not None:
             kv_cache.keep(self._sequence)
+
+    def _stop_reason(self) -> str | None:
+        """Why the reply ended: cancelled, the model's end-of-turn token, or the length cap."""
+        if self.cancelled:
+            return "cancelled"
+        if self.error is not None or self._sequence is None:
+            return None
+        eos = self.loaded.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        generated = len(self._sequence) - len(self.prompt_ids)
+        if self._sequence[-1] not in eos_ids and generated >= self.options.max_new_tokens:
+            return "length"
+        return "eos"
 
     def _wait_for_worker(self) -> BaseException | None:
         """Wait until the worker has ended (it was cancelled if the cell is being left early).

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
-import string
 from collections.abc import Callable
 from keyword import iskeyword
 from pathlib import Path
@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading, persistence
+from . import loading, notebook, persistence
 from . import session as kernel_session
 from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
@@ -41,14 +41,21 @@ def one_line_errors(magic: Callable[..., Any]) -> Callable[..., Any]:
 
     IPython hides the traceback only for ``UsageError`` itself, not for subclasses such as
     :class:`~qwen_magic.errors.QwenMagicError`, so each magic re-raises them as the base class.
+    Such a mistake, or an interrupted reply, is noted so ``%qwen_error`` passes over it.
     """
 
     @functools.wraps(magic)
-    def reporting(*args: Any, **kwargs: Any) -> Any:
+    def reporting(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return magic(*args, **kwargs)
+            return magic(self, *args, **kwargs)
         except QwenMagicError as error:
-            raise UsageError(str(error)) from error
+            shown = notebook.mark_own_error(UsageError(str(error)))
+            notebook.note_magic_error(self.shell, shown, self.session.magic_errors)
+            raise shown from error
+        except (UsageError, KeyboardInterrupt) as error:  # a bad option; an interrupted reply
+            notebook.mark_own_error(error)
+            notebook.note_magic_error(self.shell, error, self.session.magic_errors)
+            raise
 
     return reporting
 
@@ -72,6 +79,30 @@ def parse_argstring(magic: Any, line: str) -> Any:
     except ValueError as error:
         raise QwenMagicError(f"Could not read the options ({error}); check the quotes.") from error
     return magic.parser.parse_args(argv)
+
+
+def split_instruction(magic: Any, line: str) -> tuple[Any, str]:
+    """Parse the options at the start of ``line``; the words after them are a free-text
+    instruction, taken as written (an apostrophe in "don't" is no unclosed quote)."""
+    takes_value = {
+        option
+        for action in magic.parser._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    }
+    position, expect_value = 0, False
+    for match in re.finditer(r"""\s*("[^"]*"|'[^']*'|\S+)""", line):
+        token = match.group(1)
+        if expect_value:
+            expect_value = False
+        elif token == "--":
+            return parse_argstring(magic, line[: match.start()]), line[match.end() :].strip()
+        elif token.startswith("-"):
+            expect_value = token in takes_value
+        else:
+            break
+        position = match.end()
+    return parse_argstring(magic, line[:position]), line[position:].strip()
 
 
 @magics_class
@@ -136,6 +167,7 @@ class QwenMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.chat = Chat()
+        notebook.ErrorWatcher.install(self.shell)  # for %qwen_error
         self._attach_history()
 
     @property
@@ -308,9 +340,17 @@ class QwenMagics(Magics):
         "-i",
         "--interpolate",
         action="store_true",
-        help="Replace $name and ${name} with Python variables; braces {} stay as written.",
+        help="Replace $name, ${name} and ${expression} (a name with .attributes and [literal] "
+        "indexes: ${In[3]}, ${Out[3]}, ${_}, ${df.columns}) with their values; $$ is a $; "
+        "braces {} stay as written.",
     )
     @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
+    @argument(
+        "-x",
+        "--code",
+        action="store_true",
+        help="Put the reply's Python code blocks into a new cell below (not run).",
+    )
     @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
     @argument_group("Speed")
     @argument(
@@ -328,7 +368,12 @@ class QwenMagics(Magics):
         if not message:
             raise QwenMagicError("The cell is empty; write your message below %%qwen.")
         if args.interpolate:
-            message = self._interpolate(message)
+            message = notebook.interpolate(message, self.shell.user_ns)
+        self._reply(args, message)
+
+    def _reply(self, args: Any, message: str) -> None:
+        """Send ``message`` with the options in ``args``; the reply streams below, joins the
+        conversation, and goes where -o and --code say."""
         if args.greedy and args.sample:
             raise QwenMagicError("Choose one of --greedy and --sample.")
         if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
@@ -340,9 +385,9 @@ class QwenMagics(Magics):
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt
         conversation = self.chat.conversation(args.conversation)
-        if args.new:
+        if getattr(args, "new", False):
             conversation.reset()
-        if args.set_system is not None:
+        if getattr(args, "set_system", None) is not None:
             conversation.system_prompt = args.set_system
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
@@ -351,7 +396,7 @@ class QwenMagics(Magics):
                 message,
                 conversation=args.conversation,
                 options=options,
-                system_prompt=args.system,
+                system_prompt=getattr(args, "system", None),
                 cell_id=current_cell_id(self.shell),
                 view=lambda: make_view(args.view or self.view, self.redraw_seconds),
             )
@@ -359,33 +404,67 @@ class QwenMagics(Magics):
             self._changed()
         if args.out:
             self.shell.user_ns[args.out] = turn.assistant
+        if args.code:
+            print(notebook.offer_code(self.shell, turn.assistant))
 
     def _options(self, args: Any, greedy: bool | None) -> GenerationOptions:
-        def pick(value: Any, default: Any) -> Any:
+        def pick(name: str, default: Any) -> Any:
+            value = getattr(args, name, None)  # %qwen_error has fewer options than %%qwen
             return default if value is None else value
 
         return GenerationOptions(
-            max_new_tokens=pick(args.max_new_tokens, self.max_new_tokens),
+            max_new_tokens=pick("max_new_tokens", self.max_new_tokens),
             do_sample=None if greedy is None else not greedy,
-            temperature=pick(args.temperature, self.temperature),
-            top_p=pick(args.top_p, self.top_p),
-            top_k=pick(args.top_k, self.top_k),
-            repetition_penalty=pick(args.repetition_penalty, self.repetition_penalty),
-            seed=args.seed,
-            fast=args.fast or self.fast,
+            temperature=pick("temperature", self.temperature),
+            top_p=pick("top_p", self.top_p),
+            top_k=pick("top_k", self.top_k),
+            repetition_penalty=pick("repetition_penalty", self.repetition_penalty),
+            seed=getattr(args, "seed", None),
+            fast=getattr(args, "fast", False) or self.fast,
             fast_cache_tokens=self.fast_cache_tokens,
         )
 
-    def _interpolate(self, message: str) -> str:
-        try:
-            return string.Template(message).substitute(self.shell.user_ns)
-        except KeyError as error:
-            raise QwenMagicError(
-                f"--interpolate: no variable {error.args[0]!r}; define it, or write $$ for a "
-                "literal $."
-            ) from error
-        except ValueError as error:
-            raise QwenMagicError(f"--interpolate: {error}; write $$ for a literal $.") from error
+    @magic_arguments()
+    @argument(
+        "instruction",
+        nargs="*",
+        help="What to ask about the error (default: explain it and correct the cell).",
+    )
+    @argument_group("The reply")
+    @argument("-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512).")
+    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
+    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
+    @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature.")
+    @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
+    @argument_group("The conversation and the result")
+    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
+    @argument("--new", action="store_true", help="Start the conversation afresh.")
+    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
+    @argument(
+        "-x",
+        "--code",
+        action="store_true",
+        help="Put the reply's Python code blocks into a new cell below (not run).",
+    )
+    @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @line_magic
+    @one_line_errors
+    def qwen_error(self, line: str = "") -> None:
+        """Send the last error (the failing cell and its traceback) to the model, which explains
+        and fixes it, or does what INSTRUCTION says; the reply streams below and joins the
+        conversation, so a follow-up can ask for more. Errors of qwen_magic's own magics do not
+        count."""
+        args, instruction = split_instruction(self.qwen_error, line)
+        session = self.session
+        error = notebook.last_error(self.shell, session.magic_errors, session.last_cell_error)
+        if error is None:
+            print("No error to send yet: no cell has raised one since the kernel started.")
+            return
+        options = self._options(args, None)
+        backend = self.session.require_backend()
+        room = backend.context_length(options) - options.max_new_tokens
+        limit = min(notebook.ERROR_LIMIT, max(room * 2, 800))  # ~2 characters a token at worst
+        self._reply(args, notebook.error_prompt(error, instruction, limit))
 
     # -- the conversation ----------------------------------------------------------------
 

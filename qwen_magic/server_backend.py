@@ -639,6 +639,10 @@ class ServerReply:
         stats = self.stats
         stats.total_seconds = time.perf_counter() - started
         stats.interrupted = stats.interrupted or self._cancel.is_set()
+        if stats.interrupted:
+            stats.stop_reason = "cancelled"
+        elif self.finish_reason in ("length", "stop"):
+            stats.stop_reason = "length" if self.finish_reason == "length" else "eos"
         usage = self._usage
         if usage is not None and not self._cancel.is_set():
             if getattr(usage, "completion_tokens", None):

@@ -40,6 +40,11 @@ class Session:
         self.backend: Backend | None = None
         self.conversations = ConversationBook()
         self.history: persistence.HistoryStore | None = None
+        #: Cells that failed in one of qwen_magic's own magics (a one-line mistake, an
+        #: interrupted reply): ``%qwen_error`` passes over them (see ``notebook.last_error``).
+        self.magic_errors: set[tuple[int, str, str]] = set()
+        #: The last cell that failed since ``%load_ext``, as ``notebook.ErrorWatcher`` saw it.
+        self.last_cell_error: Any = None
 
     # -- the backend ----------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ generation worker, whose output would land in whichever cell runs then) and redr
 ``redraw_seconds`` apart, by setting the widget's ``outputs`` to one Markdown bundle: a handful
 of small messages a second, however fast the tokens come. When the reply is complete the widgets
 are emptied and closed, and the reply is displayed as an ordinary Markdown output with a
-one-line footer, so the saved notebook reads well anywhere (GitHub, nbconvert) and not only where
-widgets render.
+one-line footer, each with the same words as ``text/plain`` (:func:`final_bundles`), so the saved
+notebook reads well anywhere (GitHub, nbconvert, a terminal) and not only where widgets render.
 
 The Stop button needs help to work at all, since the kernel's main thread is busy running this
 very cell: :class:`~qwen_magic.comm_pump.CommPump` handles the button's clicks from the cell's
@@ -161,15 +161,25 @@ class WidgetView(View):
         self.redraws += 1
 
     def finish(self, text: str, footer: str) -> None:
-        from IPython.display import Markdown, display
+        from IPython.display import display
 
         # Empty the widget before closing it, so the saved widget state does not hold the reply
         # a second time beside the Markdown output below.
         self.output.outputs = ()
         for widget in (self.box, self.output, self.stop_button):
             widget.close()
-        display(Markdown(text))
-        display(Markdown(f"<sub>{footer}</sub>"))
+        for bundle in final_bundles(text, footer):
+            display(bundle, raw=True)
+
+
+def final_bundles(text: str, footer: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The finished reply and its footer as two display bundles: Markdown for the notebook, and
+    the same words as ``text/plain`` (not ``<IPython.core.display.Markdown object>``), so
+    terminals, ``nbconvert --to markdown``, GitHub and nbval read the reply itself."""
+    return (
+        {"text/markdown": text, "text/plain": text},
+        {"text/markdown": f"<sub>{footer}</sub>", "text/plain": footer},
+    )
 
 
 def in_widget_frontend() -> bool:

@@ -53,3 +53,70 @@ def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) ->
 
     backend = qwen_magic.current_session().require_backend()
     return backend.start(messages, options or GenerationOptions(), **kwargs)
+
+
+class ScriptedReply:
+    """A :class:`~qwen_magic.backend.Reply` that streams a fixed text, word by word."""
+
+    def __init__(self, text: str, max_new_tokens: int) -> None:
+        from qwen_magic.backend import ReplyStats
+
+        words = text.split(" ")
+        self.pieces = [word + " " for word in words[:-1]] + words[-1:]
+        self.pieces = self.pieces[:max_new_tokens]
+        cut = len(words) > max_new_tokens
+        self.text = ""
+        self.stats = ReplyStats(stop_reason="length" if cut else "eos")
+        self.on_wait = None
+        self._cancelled = False
+
+    def __iter__(self):
+        for piece in self.pieces:
+            if self._cancelled:
+                break
+            self.text += piece
+            self.stats.new_tokens += 1
+            yield piece
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+class ScriptedBackend:
+    """A :class:`~qwen_magic.backend.Backend` whose replies are given in advance (one "token"
+    a word): for the mechanics that need a reply's words, such as its code blocks."""
+
+    name = "scripted"
+
+    def __init__(self, *replies: str) -> None:
+        self.replies = list(replies)
+        self.prompts: list[list[dict[str, str]]] = []
+
+    def summary(self) -> str:
+        return "scripted replies"
+
+    def context_length(self, options: Any) -> int:
+        return 8192
+
+    def context_advice(self, options: Any) -> str:
+        return ""
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"]) // 4 + 4 for m in messages)
+
+    def notices(self, options: Any) -> list[str]:
+        return []
+
+    def start(self, messages: list[dict[str, str]], options: Any, **kwargs: Any) -> ScriptedReply:
+        self.prompts.append(messages)
+        return ScriptedReply(self.replies.pop(0), options.max_new_tokens)
+
+    def forget_conversations(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

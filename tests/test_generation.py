@@ -158,9 +158,26 @@ def test_cancel_stops_within_a_step_and_keeps_the_partial_text(tiny):
         if chunk:
             generation.cancel()
     assert generation.stats.interrupted
+    assert generation.stats.stop_reason == "cancelled"
     assert generation.text
     assert generation.stats.new_tokens < 400
     assert not worker_threads()
+
+
+def test_stop_reason_tells_the_length_cap_from_the_models_own_end(tiny, monkeypatch):
+    """A reply that runs into max_new_tokens stops for "length"; one that ends with an
+    end-of-turn token (here: made the greedy reply's first token) stops for "eos"."""
+    greedy = GenerationOptions(max_new_tokens=5, do_sample=False)
+    capped = start(MESSAGES, greedy)
+    capped.run()
+    assert capped.stats.stop_reason == "length" and capped.stats.new_tokens == 5
+    assert "stopped at the 5-token limit (-n)" in capped.stats.footer()
+    first = capped._sequence[len(capped.prompt_ids)]
+    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", [first])
+    ended = start(MESSAGES, greedy)
+    ended.run()
+    assert ended.stats.stop_reason == "eos" and ended.stats.new_tokens == 1
+    assert "limit" not in ended.stats.footer()
 
 
 def test_interrupt_while_reading_stops_the_worker(tiny):

@@ -873,3 +873,11 @@ def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, cap
     own_server.start()
     shell.run_cell_magic("qwen", "--greedy -n 8 --view text", "Say hello again.")
     assert len(current().conversations.get().turns) == len(before) + 1
+
+
+def test_a_reply_cut_by_the_token_limit_says_so_over_a_server(backend):
+    """The server's finish_reason "length" becomes the footer's 'stopped at the limit' note."""
+    reply = backend.start(ask("Write a long poem about the sea, twenty lines at least."), GREEDY)
+    reply_text = "".join(reply)
+    assert reply_text and reply.stats.stop_reason == "length"
+    assert "16-token limit" in reply.stats.footer()

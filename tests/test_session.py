@@ -129,6 +129,23 @@ def test_a_view_is_started_updated_and_finished_in_that_order(tiny):
     assert all(isinstance(v, View) for v in (NullView(), TextView()))
 
 
+def test_any_object_with_update_and_finish_is_a_view(tiny):
+    """A plain class with update(text) and finish(text, footer), no start, works as a view."""
+
+    class CountingView:
+        updates = 0
+
+        def update(self, text: str) -> None:
+            self.updates += 1
+
+        def finish(self, text: str, footer: str) -> None:
+            self.final = text
+
+    view = CountingView()
+    turn = qwen_magic.Chat().ask("Hello", options=GREEDY, view=view)
+    assert view.updates >= 1 and view.final == turn.assistant
+
+
 def test_the_project_error_is_a_usage_error_and_magics_show_it_as_one(shell, tiny):
     """QwenMagicError subclasses UsageError; a magic re-raises it as UsageError itself, the only
     class IPython shows as one line without a traceback."""

@@ -36,7 +36,8 @@ def test_widget_view_throttles_redraws(monkeypatch):
 
 
 def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
-    """Each redraw puts the text so far (with a cursor) in the Output; the end is plain Markdown."""
+    """Each redraw puts the text so far (with a cursor) in the Output; the end is plain Markdown
+    whose text/plain is the reply itself, then the footer (its text/plain too)."""
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj, **k: shown.append(obj))
     view = WidgetView(redraw_seconds=0.0)
@@ -51,8 +52,8 @@ def test_widget_view_shows_growing_markdown_then_the_final_reply(monkeypatch):
     texts = [outputs[0]["data"]["text/markdown"] if outputs else "" for outputs in seen]
     assert texts == ["One ▌", "One two ▌", "One two three ▌", ""]  # emptied before closing
     assert view.box.children == (view.output, view.stop_button)
-    assert shown[1].data == "One two three."
-    assert "4 tokens" in shown[2].data
+    assert shown[1] == {"text/markdown": "One two three.", "text/plain": "One two three."}
+    assert shown[2] == {"text/markdown": "<sub>4 tokens</sub>", "text/plain": "4 tokens"}
 
 
 def test_a_slow_first_token_shows_a_wait_counter_until_text_arrives(monkeypatch):
@@ -146,8 +147,8 @@ def test_stop_button_cancels_generation_and_the_turn_ends_normally(tiny, monkeyp
     assert turn.interrupted
     assert 3 <= turn.stats["new_tokens"] < 50  # stopped soon after the click, far from 400
     assert turn.assistant.startswith(updates[2])
-    assert shown[1].data == f"{turn.assistant}\n\n{STOPPED_NOTE}"
-    assert "interrupted" in shown[2].data
+    assert shown[1]["text/plain"] == f"{turn.assistant}\n\n{STOPPED_NOTE}"
+    assert "interrupted" in shown[2]["text/plain"]
     assert Chat().conversation().turns == [turn]
 
 
@@ -189,6 +190,7 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
         assert reply["content"]["status"] == "ok", reply["content"]
         updates: list[str] = []
         markdown_outputs: list[str] = []
+        plain_outputs: list[str] = []
 
         def hook(message):
             content = message["content"]
@@ -199,6 +201,7 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
             elif message["msg_type"] == "display_data":
                 if "text/markdown" in content["data"]:
                     markdown_outputs.append(content["data"]["text/markdown"])
+                    plain_outputs.append(content["data"]["text/plain"])
             elif message["msg_type"] == "error":
                 raise AssertionError("\n".join(content["traceback"]))
 
@@ -214,6 +217,10 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
         assert len(set(updates)) >= 3, updates
         assert reply_text.startswith(updates[-1].removesuffix(" ▌"))
         assert markdown_outputs[0] == reply_text  # the final Markdown, after the widget closed
+        # ...readable where Markdown is not rendered: text/plain is the reply and the footer
+        assert plain_outputs[0] == reply_text
+        assert plain_outputs[1] == markdown_outputs[1].removeprefix("<sub>").removesuffix("</sub>")
+        assert "tokens/s" in plain_outputs[1]
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
