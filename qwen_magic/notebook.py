@@ -442,7 +442,7 @@ def code_blocks(text: str) -> list[str]:
 def python_code(text: str) -> str | None:
     """The reply's Python code blocks joined into one cell's source, or None if it has none."""
     blocks = code_blocks(text)
-    return "\n\n".join(blocks) + "\n" if blocks else None
+    return "\n\n".join(blocks) if blocks else None
 
 
 def offer_code(shell: Any, reply: str) -> str:
@@ -452,6 +452,6 @@ def offer_code(shell: Any, reply: str) -> str:
     if code is None:
         return "--code: the reply has no Python code block; no cell was added."
     shell.set_next_input(code, replace=False)
-    lines = code.count("\n")
+    lines = code.count("\n") + 1
     where = "a new cell below" if hasattr(shell, "kernel") else "the next prompt"
     return f"--code: the reply's code ({lines} line{'s' * (lines != 1)}) is in {where}, not run."

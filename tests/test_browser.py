@@ -1,4 +1,5 @@
-"""Browser tests: a %%qwen reply streams visibly in JupyterLab, and its Stop button works.
+"""Browser tests: a %%qwen reply streams visibly in JupyterLab, its Stop button works, and
+--code puts the reply's code into a new cell below.
 
 Runs a real JupyterLab server and headless Debian Chromium (via playwright) with the offline
 demo model.  One test polls the DOM of a ``%%qwen`` cell's output while the reply streams;
@@ -11,6 +12,7 @@ never ``playwright install``.  Skipped, with the reason, only when one of them i
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import re
 import time
@@ -167,3 +169,49 @@ def test_follow_up_and_rerun_in_jupyterlab(lab_server, demo_path):
     assert "Berlin" in answer, detail  # "And of Germany?" only makes sense with the first turn
     assert "TURNS ['What is the capital of France', 'And of Germany']" in before, detail
     assert "TURNS ['What is the capital of France']" in after, detail
+
+
+CODE_CELLS = [
+    "%%qwen --code --greedy -n 80\n"
+    "Write a Python function add(a, b) that returns a + b. Only the code.",
+    "# the cell that was below",
+]
+
+_CELL_COUNT_JS = """
+([count]) => document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell').length > count
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.demo
+def test_code_goes_into_a_new_cell_below_in_jupyterlab(lab_server, demo_path):
+    """In JupyterLab, %%qwen --code inserts a new code cell right below, holding the reply's
+    Python code, not run."""
+    ask = len(SETUP_CELLS)
+    with set_up_notebook(lab_server, "browser_code", CODE_CELLS) as lab:
+        cells = lab.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+        before = cells.count()
+        lab.run_cell(ask)
+        lab.page.wait_for_function(_CELL_COUNT_JS, arg=[before], timeout=15_000, polling=100)
+        new = lab.cell(ask + 1)
+        lab.scroll_to = new
+        new.scroll_into_view_if_needed()
+        source = new.locator(".cm-content").inner_text().replace("\u00a0", " ")
+        is_code = "jp-CodeCell" in (new.get_attribute("class") or "")
+        prompt = new.locator(".jp-InputArea-prompt").inner_text().strip()
+        below = lab.cell(ask + 2).locator(".cm-content").inner_text()
+        reply = lab.output_text(ask)
+        count = cells.count()
+        lab.page.wait_for_timeout(300)  # let the new cell render fully for the screenshot
+    detail = (
+        f"source={source!r}\nprompt={prompt!r}\nbelow={below!r}\nreply={reply!r}\n"
+        f"cells {before} -> {count}\nconsole={lab.console[-10:]}"
+    )
+    print(detail)
+    assert count == before + 1, detail  # one new cell...
+    assert is_code and below == "# the cell that was below", detail  # ...a code cell, right below
+    assert "--code: the reply's code" in reply, detail
+    tree = ast.parse(source)  # the reply's code, whole
+    assert [node.name for node in tree.body if isinstance(node, ast.FunctionDef)] == ["add"], detail
+    assert "```" not in source, detail
+    assert not re.search(r"\[\d+\]", prompt), detail  # not run

@@ -364,7 +364,7 @@ def test_code_blocks_are_the_python_fences(reply, blocks):
 def test_python_code_joins_the_blocks_into_one_cell():
     """Several blocks become one cell's source, which parses."""
     code = notebook.python_code(REPLY_WITH_CODE)
-    assert code == "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
+    assert code == "def add(a, b):\n    return a + b\n\nprint(add(1, 2))"
     ast.parse(code)
     assert notebook.python_code("none") is None
 
@@ -394,7 +394,7 @@ def test_qwen_error_code_offers_the_fixed_cell(shell, cells):
     backend = scripted("Divide by a non-zero number:\n```python\nprint(1 / 2)\n```")
     cells("print(1 / 0)")
     shell.run_line_magic("qwen_error", "--view text --code")
-    assert shell.rl_next_input == "print(1 / 2)\n"
+    assert shell.rl_next_input == "print(1 / 2)"
     assert "print(1 / 0)" in backend.prompts[-1][-1]["content"]
 
 
