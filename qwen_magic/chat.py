@@ -179,8 +179,8 @@ class Chat:
         turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=stopped)
         text = _with_note(reply.text, STOPPED_NOTE, why_not) if stopped else reply.text
         shown.finish(text, reply.stats.footer())
-        if reply.note:
-            print(reply.note)
+        if note := getattr(reply, "note", None):  # replies of your own may have no note
+            print(note)
         return turn
 
     def _record(
