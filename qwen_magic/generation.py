@@ -282,8 +282,10 @@ class Generation:
 
 
 def prefill(model: Any, kwargs: dict[str, Any], cancel: threading.Event) -> int:
-    """Read the prompt into ``kwargs``' KV cache, all but its last token, in chunks of about
-    ``PREFILL_CHUNK_SECONDS``; ``generate`` then continues from the cache. ``cancel`` is checked
+    """Read a long prompt into ``kwargs``' KV cache, all but its last token, in chunks of about
+    ``PREFILL_CHUNK_SECONDS`` (an unread part of one chunk or less is left to ``generate``'s
+    single pass, which keeps greedy replies identical with and without a reused cache);
+    ``generate`` then continues from the cache. ``cancel`` is checked
     between chunks and before each decoder layer, so a cancelled prefill stops within one
     layer's work. Returns how many prompt tokens the cache covers (a cancelled prefill leaves a
     cache no one may reuse; the caches module never keeps one from a failed reply)."""
@@ -293,6 +295,8 @@ def prefill(model: Any, kwargs: dict[str, Any], cancel: threading.Event) -> int:
     ids = kwargs["input_ids"]
     covered = int(cache.get_seq_length())
     end = ids.shape[1] - 1  # generate reads the last prompt token itself
+    if end - covered <= PREFILL_FIRST_CHUNK:
+        return covered  # one chunk's worth: generate reads it in one pass, as it always did
     chunk = PREFILL_FIRST_CHUNK
     with _cancel_before_each_layer(model, cancel):
         while covered < end and not cancel.is_set():

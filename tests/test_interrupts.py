@@ -106,13 +106,14 @@ def test_prefill_reads_the_prompt_in_chunks_and_stops_between_them(tiny, monkeyp
     assert again.text and again.stats.cached_prompt_tokens == 0
 
 
-def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny):
+def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny, monkeypatch):
     """Within one chunk, a cancel stops the prefill before the next decoder layer runs, and the
     layer checks are gone once the prefill has ended."""
     import torch
 
     from qwen_magic.caches import new_dynamic_cache
 
+    monkeypatch.setattr(generation, "PREFILL_FIRST_CHUNK", 16)  # a prompt longer than a chunk
     layers = tiny.model.model.layers
     cancel = threading.Event()
     ran: list[int] = []
