@@ -105,6 +105,19 @@ def split_instruction(magic: Any, line: str) -> tuple[Any, str]:
     return parse_argstring(magic, line[:position]), line[position:].strip()
 
 
+# Options %%qwen and %qwen_error share (an argument decorator only records its arguments).
+_OUT = argument("-o", "--out", default=None, help="Store the reply text in this variable.")
+_CODE = argument(
+    "-x",
+    "--code",
+    action="store_true",
+    help="Put the reply's Python code blocks into a new cell below (not run).",
+)
+_VIEW = argument(
+    "--view", choices=("auto", "widget", "text"), default=None, help="Where to stream."
+)
+
+
 @magics_class
 class QwenMagics(Magics):
     """``%qwen_load``, ``%%qwen`` and the conversation helpers."""
@@ -344,14 +357,9 @@ class QwenMagics(Magics):
         "indexes: ${In[3]}, ${Out[3]}, ${_}, ${df.columns}) with their values; $$ is a $; "
         "braces {} stay as written.",
     )
-    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
-    @argument(
-        "-x",
-        "--code",
-        action="store_true",
-        help="Put the reply's Python code blocks into a new cell below (not run).",
-    )
-    @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @_OUT
+    @_CODE
+    @_VIEW
     @argument_group("Speed")
     @argument(
         "--fast",
@@ -439,14 +447,9 @@ class QwenMagics(Magics):
     @argument_group("The conversation and the result")
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
     @argument("--new", action="store_true", help="Start the conversation afresh.")
-    @argument("-o", "--out", default=None, help="Store the reply text in this variable.")
-    @argument(
-        "-x",
-        "--code",
-        action="store_true",
-        help="Put the reply's Python code blocks into a new cell below (not run).",
-    )
-    @argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+    @_OUT
+    @_CODE
+    @_VIEW
     @line_magic
     @one_line_errors
     def qwen_error(self, line: str = "") -> None:
