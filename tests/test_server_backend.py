@@ -853,23 +853,33 @@ def test_context_too_long_trims_older_turns_and_asks_once_more(fresh_state):
     assert len(book.turns) == 9
 
 
-def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, capsys):
+def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, capsys, monkeypatch):
     """Killing the server mid-reply: one line, the partial text stays on screen, nothing is
     recorded; after a restart the next reply works."""
     from IPython.core.error import UsageError
 
+    from qwen_magic import magics
     from qwen_magic.session import current
+    from qwen_magic.view import TextView
+
+    class KillOnFirstPiece(TextView):
+        """Kills the server as the first words arrive: mid-reply however fast the machine."""
+
+        def update(self, text: str) -> None:
+            super().update(text)
+            own_server.kill()
 
     shell.run_line_magic("qwen_load", f"--server {own_server.url}")
     shell.run_cell_magic("qwen", "--greedy -n 8 --view text", "Say hello.")
     before = list(current().conversations.get().turns)
-    killer = threading.Timer(3.0, own_server.kill)
-    killer.start()
+    monkeypatch.setattr(magics, "make_view", lambda *args: KillOnFirstPiece())
+    capsys.readouterr()
     with pytest.raises(UsageError) as raised:
-        shell.run_cell_magic("qwen", "-n 400 --greedy --view text", "Write a long story.")
-    killer.join()
+        shell.run_cell_magic("qwen", "-n 400 --greedy", "Count from 1 to 300, separated by commas.")
+    monkeypatch.undo()
     assert "\n" not in str(raised.value)
     assert current().conversations.get().turns == before
+    assert capsys.readouterr().out.strip(), "the partial reply stays on screen"
     own_server.start()
     shell.run_cell_magic("qwen", "--greedy -n 8 --view text", "Say hello again.")
     assert len(current().conversations.get().turns) == len(before) + 1
