@@ -88,7 +88,7 @@ def run_json(code: str, env: dict[str, str] | None = None, timeout: int = 900) -
 
 
 LOAD_AND_REPLY = """
-import json, resource, time
+import json, resource, sys, time
 started = time.perf_counter()
 import qwen_magic
 loaded = qwen_magic.load("demo", quantize={fmt!r}, progress=None)
@@ -105,7 +105,12 @@ print(json.dumps({{
     "load_s": load_s,
     "first_reply_s": time.perf_counter() - started,
     "first_reply_tokens": reply.stats.new_tokens,
-    "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's over the fork)
+    "peak_rss": next(
+        int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+        if line.startswith("VmHWM:")
+    ) if sys.platform.startswith("linux")
+    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "notices": loaded.notices,
 }}))
 """
