@@ -106,6 +106,19 @@ def split_instruction(magic: Any, line: str) -> tuple[Any, str]:
 
 
 # Options %%qwen and %qwen_error share (an argument decorator only records its arguments).
+_MAX_NEW_TOKENS = argument(
+    "-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512)."
+)
+_GREEDY = argument("--greedy", action="store_true", help="Always take the likeliest token.")
+_SAMPLE = argument("--sample", action="store_true", help="Sample (with the model's settings).")
+_TEMPERATURE = argument(
+    "-t", "--temperature", type=float, default=None, help="Sampling temperature."
+)
+_SEED = argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
+_CONVERSATION = argument(
+    "-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default)."
+)
+_NEW = argument("--new", action="store_true", help="Start the conversation afresh.")
 _OUT = argument("-o", "--out", default=None, help="Store the reply text in this variable.")
 _CODE = argument(
     "-x",
@@ -331,21 +344,41 @@ class QwenMagics(Magics):
             return
         print(backend.summary())
 
+    @magic_arguments()
+    @line_magic
+    @one_line_errors
+    def qwen_unload(self, line: str = "") -> None:
+        """Free the model's memory (or disconnect from the server); the conversations stay."""
+        parse_argstring(self.qwen_unload, line)
+        backend = self.session.backend
+        if backend is None:
+            print("No model is loaded; nothing to free.")
+            return
+        from .server_backend import ServerBackend
+
+        if isinstance(backend, ServerBackend):
+            done = f"Disconnected from {backend.name} at {backend.base_url}"
+        else:
+            done = f"Unloaded {backend.name}"
+        del backend  # the session's reference must be the last one, so the memory can go
+        self.session.release()
+        print(f"{done}; the conversations stay. Run %qwen_load to chat again.")
+
     # -- chatting ------------------------------------------------------------------------
 
     @magic_arguments()
     @argument_group("The reply")
-    @argument("-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512).")
-    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
-    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
-    @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature.")
+    @_MAX_NEW_TOKENS
+    @_GREEDY
+    @_SAMPLE
+    @_TEMPERATURE
     @argument("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1].")
     @argument("--top-k", type=int, default=None, help="Sample from the k likeliest tokens.")
     @argument("--repetition-penalty", type=float, default=None, help="Above 1 discourages repeats.")
-    @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
+    @_SEED
     @argument_group("The conversation")
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
-    @argument("--new", action="store_true", help="Start the conversation afresh.")
+    @_CONVERSATION
+    @_NEW
     @argument("-s", "--system", default=None, help="System prompt for this turn only.")
     @argument("--set-system", default=None, help="Set the conversation's system prompt.")
     @argument_group("The message and the result")
@@ -439,14 +472,14 @@ class QwenMagics(Magics):
         help="What to ask about the error (default: explain it and correct the cell).",
     )
     @argument_group("The reply")
-    @argument("-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512).")
-    @argument("--greedy", action="store_true", help="Always take the likeliest token.")
-    @argument("--sample", action="store_true", help="Sample (with the model's settings).")
-    @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature.")
-    @argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
+    @_MAX_NEW_TOKENS
+    @_GREEDY
+    @_SAMPLE
+    @_TEMPERATURE
+    @_SEED
     @argument_group("The conversation and the result")
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default).")
-    @argument("--new", action="store_true", help="Start the conversation afresh.")
+    @_CONVERSATION
+    @_NEW
     @_OUT
     @_CODE
     @_VIEW

@@ -215,6 +215,29 @@ def test_conversations_survive_reload_ext(shell, tiny):
     assert session().loaded_model is tiny
 
 
+def test_qwen_unload_frees_the_model_and_keeps_the_conversation(shell, tiny_model_path, capsys):
+    """%qwen_unload lets the model's memory go; the turns stay, and a new load chats on."""
+    import gc
+    import weakref
+
+    load = f"{tiny_model_path} --device cpu --quiet"
+    shell.run_line_magic("qwen_load", load)
+    ask(shell, "remember me")
+    weights = weakref.ref(session().loaded_model.model)
+    shell.run_line_magic("qwen_unload", "")
+    gc.collect()
+    assert weights() is None, "something still holds the unloaded model"
+    assert "Unloaded" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="%qwen_load"):
+        ask(shell, "are you there?")
+    assert [t.user for t in turns()] == ["remember me"]
+    shell.run_line_magic("qwen_unload", "")
+    assert "nothing to free" in capsys.readouterr().out
+    shell.run_line_magic("qwen_load", load)
+    ask(shell, "still here?")
+    assert [t.user for t in turns()] == ["remember me", "still here?"]
+
+
 @pytest.mark.demo
 def test_demo_answers_and_follows_up(shell, demo):
     """The real model answers a factual question and a follow-up that needs the first turn."""

@@ -782,6 +782,9 @@ def test_a_bare_qwen_load_connects_to_the_configured_server(shell, served, monke
     shell.run_line_magic("qwen_load", "")
     assert isinstance(current().backend, ServerBackend)
     assert "QWEN_MAGIC_SERVER" in capsys.readouterr().out
+    shell.run_line_magic("qwen_unload", "")
+    assert "Disconnected from" in capsys.readouterr().out
+    assert current().backend is None
 
 
 @pytest.mark.parametrize(
