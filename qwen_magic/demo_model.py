@@ -169,6 +169,16 @@ def write_manifest(folder: Path) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
+def move_into_place(built: Path, target: Path) -> None:
+    """Make the finished folder ``built`` the one at ``target`` with one ``os.replace``; a
+    damaged folder left there is moved aside first, then deleted."""
+    if target.exists():
+        stale = target.with_name(f".stale-{os.getpid()}-{target.name}")
+        os.replace(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(built, target)
+
+
 def ensure_demo_model(root: Path | None = None, progress: Progress = print) -> Path:
     """Return the converted demo model's folder, building it first if needed."""
     target = demo_dir(root)
@@ -189,11 +199,7 @@ def ensure_demo_model(root: Path | None = None, progress: Progress = print) -> P
             built = work / "hf"
             convert_gguf(gguf, built, progress)
             write_manifest(built)
-            if target.exists():  # damaged leftovers: move aside, then replace atomically
-                stale = target.with_name(f".stale-{os.getpid()}-{target.name}")
-                os.replace(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(built, target)
+            move_into_place(built, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         progress(f"  cached in {target} ({time.perf_counter() - started:.0f} s)")

@@ -46,7 +46,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -288,6 +287,7 @@ def save_quantized(model: Any, folder: Path, key: dict[str, Any]) -> None:
     last, one ``os.replace``). Earlier caches of the same model and format are removed."""
     import torch
 
+    from .demo_model import move_into_place
     from .persistence import write_atomic
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -304,11 +304,7 @@ def save_quantized(model: Any, folder: Path, key: dict[str, Any]) -> None:
         model.generation_config.save_pretrained(work)
         manifest = {"key": key, "size": weights.stat().st_size, "sha256": _sha256(weights)}
         write_atomic(work / MANIFEST, json.dumps(manifest, indent=2))
-        if folder.exists():  # damaged leftovers: move aside, then replace
-            stale = folder.with_name(f".stale-{os.getpid()}-{folder.name}")
-            os.replace(folder, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(work, folder)
+        move_into_place(work, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     prefix = folder.name.rsplit("-", 1)[0] + "-"
