@@ -35,7 +35,7 @@ lab: demo-model  ## open the quickstart in JupyterLab
 # The demo model behind an OpenAI-compatible server, for `%qwen_load --server` (Ctrl-C stops it).
 PORT ?= 8000
 serve: demo-model  ## serve the demo model with `transformers serve` on 127.0.0.1:$(PORT), CPU
-	@DIR="$$($(BIN)/python -c 'from qwen_magic.demo_model import ensure_demo_model; print(ensure_demo_model(progress=lambda m: None))')"; \
+	@DIR="$$($(BIN)/python -c 'from qwen_magic.backends.kernel.demo_model import ensure_demo_model; print(ensure_demo_model(progress=lambda m: None))')"; \
 	echo "Serving $$DIR on http://127.0.0.1:$(PORT); in a notebook:"; \
 	echo "    %qwen_load --server http://127.0.0.1:$(PORT)"; \
 	HF_HUB_OFFLINE=1 exec $(BIN)/transformers serve "$$DIR" --device cpu --host 127.0.0.1 --port $(PORT)

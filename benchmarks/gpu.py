@@ -7,7 +7,7 @@ the same shapes, so the same speed, and nothing to download. Then, greedy, with 
 ``--new-tokens`` tokens per reply (``min_new_tokens`` = ``max_new_tokens``), median of ``--runs``:
 
 * plain ``model.generate`` with sdpa, and with flash_attention_2 where ``flash_attn`` imports;
-* the ``%%qwen`` path (``qwen_magic.generation.Generation``: streamer, worker thread);
+* the ``%%qwen`` path (``qwen_magic.backends.kernel.reply.Generation``: streamer, worker thread);
 * ``%%qwen --fast``: the static KV cache, which makes transformers compile the decoding step with
   ``torch.compile`` on CUDA; the compiling replies are timed apart, before the measured ones;
 * a ``--fast`` follow-up turn, whose prompt prefix is reused from the static cache.
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": user_message(tokenizer, args.prompt_tokens, synthetic)},
     ]
-    from qwen_magic.encoding import encode
+    from qwen_magic.backends.kernel.encoding import encode
 
     prompt_ids = encode(tokenizer, messages)
     prompt_tokens = len(prompt_ids)
@@ -234,7 +234,7 @@ def load_tokenizer(vocab_size: int, synthetic: bool) -> tuple[Any, str]:
         try:
             from transformers import AutoTokenizer
 
-            from qwen_magic.demo_model import demo_dir
+            from qwen_magic.backends.kernel.demo_model import demo_dir
 
             folder = demo_dir()
             if (folder / "tokenizer_config.json").is_file():
@@ -282,7 +282,7 @@ def user_message(tokenizer: Any, tokens: int, synthetic: bool) -> str:
 
 
 def make_loaded(model: Any, tokenizer: Any, device: str) -> Any:
-    from qwen_magic.loading import LoadedModel, ModelSpec
+    from qwen_magic.backends.kernel.loading import LoadedModel, ModelSpec
 
     return LoadedModel(
         spec=ModelSpec("benchmark", dtype="bfloat16", device=device, attention="sdpa"),
@@ -339,7 +339,7 @@ class Bench:
     ) -> None:
         import torch
 
-        from qwen_magic.kernel_backend import KernelBackend
+        from qwen_magic.backends.kernel.backend import KernelBackend
 
         self.loaded, self.messages = loaded, messages
         # One backend for every %%qwen row: its static cache (and compiled step) is kept.
@@ -455,8 +455,8 @@ class Bench:
         """Turn 2 of a ``--fast`` chat: its prompt prefix comes from the static cache."""
         from qwen_magic.chat import Chat
         from qwen_magic.conversation import ConversationBook
+        from qwen_magic.notebook.views import NullView
         from qwen_magic.options import GenerationOptions
-        from qwen_magic.view import NullView
 
         options = GenerationOptions(max_new_tokens=self.new_tokens, do_sample=False, fast=True)
         chat = Chat(self.backend, ConversationBook(), reuse_cache=True)
@@ -489,7 +489,7 @@ def compiled_graphs() -> int:
 
 
 def common_prefix(first: list[int], second: list[int] | None) -> str:
-    from qwen_magic.caches import shared_prefix_length
+    from qwen_magic.backends.kernel.caches import shared_prefix_length
 
     return f"{shared_prefix_length(first, second or [])}/{len(first)}"
 

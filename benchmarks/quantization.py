@@ -19,7 +19,7 @@ alone and replaces only its section. For each format, on the offline demo model:
 * **the int8 alternative**: torchao's own int8 weight-only path, eager and compiled with a static
   cache (``--fast`` with the forced-compile ``CompileConfig``), against bf16 in the same process;
   this is the measurement behind using PyTorch's int8 kernel instead (see
-  ``qwen_magic/int8_linear.py``).
+  ``qwen_magic/backends/kernel/quantize/int8_linear.py``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ started = time.perf_counter()
 import qwen_magic
 loaded = qwen_magic.load("demo", quantize={fmt!r}, progress=None)
 load_s = time.perf_counter() - started
-from qwen_magic.kernel_backend import KernelBackend
+from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.options import GenerationOptions
 reply = KernelBackend(loaded).start(
     [{{"role": "user", "content": {prompt!r}}}],
@@ -119,8 +119,9 @@ TORCHAO_INT8 = """
 import dataclasses, json, statistics, time
 import torch
 import qwen_magic
-from qwen_magic import loading, quantize
-from qwen_magic.kernel_backend import KernelBackend
+from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel.quantize import formats as quantize
+from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.options import GenerationOptions
 from tests.helpers import compile_on_any_device
 from transformers import AutoModelForCausalLM, TorchAoConfig
@@ -178,7 +179,7 @@ def memory_bandwidth() -> float:
 def bytes_per_token(loaded: Any) -> int:
     """Bytes one decoded token reads: every weight but the embedding table (one row of it is
     read), unless the table is also the output layer."""
-    from qwen_magic.quantize import weight_bytes
+    from qwen_magic.backends.kernel.quantize.formats import weight_bytes
 
     model = loaded.model
     table = model.get_input_embeddings().weight
@@ -216,9 +217,9 @@ def teacher_forced(models: dict[str, Any], tokenizer: Any) -> dict[str, dict[str
 def bench_quantize() -> dict:
     """Everything :func:`section` shows, measured on the demo model (about 5 minutes)."""
     import qwen_magic
-    from qwen_magic.demo_model import cache_root
-    from qwen_magic.heavy_imports import import_heavy_modules
-    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.backends.kernel.backend import KernelBackend
+    from qwen_magic.backends.kernel.demo_model import cache_root
+    from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
     from qwen_magic.options import GenerationOptions
 
     def say(message: str) -> None:
@@ -244,8 +245,8 @@ def bench_quantize() -> dict:
 
     say("decode speed, interleaved…")
     models = {
-        fmt: qwen_magic.loading.load_model(
-            qwen_magic.loading.model_spec("demo", quantize=fmt), progress=None
+        fmt: qwen_magic.backends.kernel.loading.load_model(
+            qwen_magic.backends.kernel.loading.model_spec("demo", quantize=fmt), progress=None
         )
         for fmt in FORMATS
     }
@@ -384,6 +385,6 @@ def section(result: dict) -> str:
 def write_only_this_section(result: dict, report: Path) -> None:
     """Replace this section of ``report`` (the rest stays as the last full run wrote it)."""
     from benchmarks.common import replace_section
-    from qwen_magic.persistence import write_atomic
+    from qwen_magic.storage.history import write_atomic
 
     write_atomic(report, replace_section(report.read_text(), HEADING, section(result)))

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import quantization  # noqa: E402
 from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
-from qwen_magic.persistence import write_atomic  # noqa: E402
-from qwen_magic.view import NullView  # noqa: E402
+from qwen_magic.notebook.views import NullView  # noqa: E402
+from qwen_magic.storage.history import write_atomic  # noqa: E402
 from tests.helpers import compile_on_any_device  # noqa: E402
 from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
 
@@ -78,7 +78,7 @@ def bench_load() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         first = run_python(
             "import json, time\n"
-            "from qwen_magic.demo_model import ensure_demo_model\n"
+            "from qwen_magic.backends.kernel.demo_model import ensure_demo_model\n"
             "t = time.perf_counter(); ensure_demo_model(progress=lambda m: None)\n"
             "print(json.dumps({'seconds': time.perf_counter() - t}))",
             env={"QWEN_MAGIC_CACHE": scratch},
@@ -94,7 +94,7 @@ def bench_load() -> dict[str, float]:
         "again = (time.perf_counter() - t) / 200\n"
         "import psutil\n"
         "rss_loaded = psutil.Process().memory_info().rss\n"
-        "import io; from qwen_magic.view import TextView\n"
+        "import io; from qwen_magic.notebook.views import TextView\n"
         "qwen_magic.Chat().ask('Say hi.', view=TextView(io.StringIO()),\n"
         "  options=qwen_magic.GenerationOptions(8))\n"
         "print(json.dumps({'seconds': total, 'inside_load': loaded.load_seconds, 'again': again,\n"
@@ -248,9 +248,9 @@ def bench_streaming(loaded) -> dict:
 
 def bench_turns(loaded) -> dict:
     """Time to first token at turns 1, 4, 8, with and without KV-cache reuse, interleaved."""
+    from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.kernel_backend import KernelBackend
     from qwen_magic.options import GenerationOptions
 
     print("multi-turn: 8 turns with and without cache reuse…", flush=True)
@@ -278,7 +278,7 @@ def bench_turns(loaded) -> dict:
 def bench_fast(loaded) -> dict:
     """``%%qwen --fast`` on this CPU: normal mode, the static cache as shipped (not compiled off
     a GPU), and the static cache compiled anyway (transformers' testing switch), interleaved."""
-    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.options import GenerationOptions
 
     print("fast mode on the CPU: normal, static cache, static cache compiled…", flush=True)
@@ -321,9 +321,9 @@ OVERFLOW_TURNS = 36
 def bench_overflow(loaded) -> dict:
     """A conversation that outgrows its context (``--fast`` with a 1,024-token static cache):
     time to first token of follow-ups before the first overflow and after it."""
+    from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.kernel_backend import KernelBackend
     from qwen_magic.options import GenerationOptions
 
     print(f"overflow: {OVERFLOW_TURNS} turns in a {OVERFLOW_CONTEXT}-token context…", flush=True)
@@ -358,9 +358,9 @@ def bench_server() -> dict:
     bare ``openai`` stream, interleaved; the same against a steady stand-in server, which leaves
     only the client's own cost to vary; and time to first token at turns 1, 4 and 8 there."""
     from benchmarks import server as server_bench
+    from qwen_magic.backends.kernel.demo_model import ensure_demo_model
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.demo_model import ensure_demo_model
     from qwen_magic.options import GenerationOptions
     from qwen_magic.server_backend import ServerBackend
     from tests.serving import ServeProcess, serve_missing
@@ -536,7 +536,7 @@ def render(
         "no parallel torch work. Where it has (a `generate` on it, a quantizing load, the user's "
         "own tensors), its OpenMP team and the generating thread's make libgomp stop spinning "
         "between parallel regions, and the seed recipe decodes up to 1.5× slower; `%%qwen` lets "
-        "the kernel thread's team go before each reply (`qwen_magic/openmp.py`), and the plain "
+        "the kernel thread's team go before each reply (`qwen_magic/backends/kernel/openmp.py`), and the plain "
         "`generate` above ran on the kernel's thread before every `%%qwen` reply.",
         "",
         f"The Output widget received {streaming['widget_updates']:.0f} updates per reply "

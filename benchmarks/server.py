@@ -127,7 +127,7 @@ def synthetic_server(
 def bare_stream(client: Any, fields: dict[str, Any]) -> tuple[float, float, str]:
     """One streamed request with the bare ``openai`` client: (TTFT s, decode tokens/s, text).
 
-    Decode speed is measured as :class:`~qwen_magic.backend.ReplyStats` does: tokens after the
+    Decode speed is measured as :class:`~qwen_magic.backends.base.ReplyStats` does: tokens after the
     first over the time after the first, tokens from the server's usage when it sends it.
     """
     started = time.perf_counter()
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url = args.url
     if url is None:
-        from qwen_magic.demo_model import ensure_demo_model
+        from qwen_magic.backends.kernel.demo_model import ensure_demo_model
         from tests.serving import ServeProcess, serve_missing
 
         if why := serve_missing():

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import Backend, Reply, ReplyStats
-from .chat import Chat
-from .conversation import Conversation, ConversationBook, Turn
-from .errors import QwenMagicError
-from .loading import LoadedModel
-from .options import GenerationOptions
-from .session import Session
-from .session import current as current_session
+from qwen_magic.backends.base import Backend, Reply, ReplyStats
+from qwen_magic.backends.kernel.loading import LoadedModel
+from qwen_magic.chat import Chat
+from qwen_magic.conversation import Conversation, ConversationBook, Turn
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.options import GenerationOptions
+from qwen_magic.session import Session
+from qwen_magic.session import current as current_session
 
 __version__ = "0.1.0"
 __all__ = [
@@ -61,7 +61,7 @@ def load(model: str | None = None, **how: Any) -> LoadedModel:
     """Load ``model`` into this kernel once (``%qwen_load``'s Python face) and return it.
 
     ``how``: ``dtype``, ``device``, ``attention``, ``revision``, ``trust_remote_code``,
-    ``quantize`` ("none", "int8" or "int4": weight-only, see :mod:`qwen_magic.quantize`),
+    ``quantize`` ("none", "int8" or "int4": weight-only, see :mod:`qwen_magic.backends.kernel.quantize.formats`),
     ``progress`` (a function taking each progress line, or None for silence).
     """
     loaded, _fresh = current_session().load_model(model, **how)
@@ -70,6 +70,6 @@ def load(model: str | None = None, **how: Any) -> LoadedModel:
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics (``%load_ext qwen_magic``)."""
-    from .magics import QwenMagics
+    from qwen_magic.notebook.magics import QwenMagics
 
     ipython.register_magics(QwenMagics)

@@ -18,7 +18,13 @@ from pathlib import Path
 
 
 def prepare_demo() -> int:
-    from .demo_model import DEMO_LICENSE, DEMO_NAME, demo_dir, ensure_demo_model, is_complete
+    from qwen_magic.backends.kernel.demo_model import (
+        DEMO_LICENSE,
+        DEMO_NAME,
+        demo_dir,
+        ensure_demo_model,
+        is_complete,
+    )
 
     if is_complete(demo_dir()):
         print(f"The offline demo model {DEMO_NAME} is ready in {demo_dir()}.")
@@ -64,8 +70,8 @@ def run_notebook(path: str, out: str | None) -> int:
 
 
 def chat(model: str | None) -> int:
-    from . import load
-    from .chat import Chat
+    from qwen_magic import load
+    from qwen_magic.chat import Chat
 
     print(load(model).summary())
     session = Chat()
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import QwenMagicError
+    from qwen_magic.errors import QwenMagicError
 
     try:
         sys.exit(main())

@@ -11,7 +11,7 @@
 
 One :meth:`Chat.ask` fits the conversation into the backend's context (the oldest turns are
 left out first), streams the reply into a view, and records the turn. It knows the backend only
-through :class:`qwen_magic.backend.Backend`, so it works the same with a model in the kernel and
+through :class:`qwen_magic.backends.base.Backend`, so it works the same with a model in the kernel and
 with a server. If generation fails, nothing is recorded. If it is interrupted (Ctrl-C, the
 kernel's stop button), the partial reply is recorded and marked so, then the interrupt goes on
 to stop the rest of the notebook run. The widget's own Stop button cancels the reply instead:
@@ -26,12 +26,12 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from . import session as kernel_session
-from .backend import Backend, Reply
-from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
-from .errors import ContextTooLong, QwenMagicError
-from .options import GenerationOptions
-from .view import View, make_view
+from qwen_magic import session as kernel_session
+from qwen_magic.backends.base import Backend, Reply
+from qwen_magic.conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
+from qwen_magic.errors import ContextTooLong, QwenMagicError
+from qwen_magic.notebook.views import View, make_view
+from qwen_magic.options import GenerationOptions
 
 INTERRUPTED_NOTE = "*(interrupted)*"
 STOPPED_NOTE = "*(stopped)*"
@@ -84,7 +84,7 @@ class Chat:
     ) -> Turn:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
-        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.view.View` (or
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.notebook.views.View` (or
         any object with its ``update(text)`` and ``finish(text, footer)``; ``start`` is
         optional), or a function making one (called only once the message is known to fit, so
         an error leaves no empty widget).

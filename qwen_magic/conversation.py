@@ -14,7 +14,7 @@ another), so one notebook can keep several independent chats. A name is any one-
 are fine: a name is never a path); an empty name, a line break or surrounding spaces are refused.
 
 Every turn carries a ``turn_id`` (a random hex string made when the turn is), so two kernels
-writing one history file can tell their turns apart (see :mod:`qwen_magic.persistence`). Files
+writing one history file can tell their turns apart (see :mod:`qwen_magic.storage.history`). Files
 from before ``turn_id`` existed still load; their turns get an id then.
 
 Saved conversations are checked field by field when they are read back
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_NAME = "default"
@@ -105,7 +105,7 @@ class Conversation:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     turns: list[Turn] = field(default_factory=list)
     #: Ids of every turn this conversation has held, popped or replaced ones too: the history
-    #: file's merge deletes only turns this kernel held (see qwen_magic.persistence).
+    #: file's merge deletes only turns this kernel held (see qwen_magic.storage.history).
     held_ids: set[str] = field(default_factory=set, compare=False, repr=False)
     #: How many of the oldest turns the last prompt left out (kept while the rest fits).
     left_out: int = field(default=0, repr=False, compare=False)

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 #: Fast mode's static cache size unless set otherwise (and never above the model's context).
 DEFAULT_FAST_CACHE_TOKENS = 4096

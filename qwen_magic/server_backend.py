@@ -70,9 +70,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .backend import Messages, ReplyStats
-from .errors import ContextTooLong, QwenMagicError
-from .options import GenerationOptions
+from qwen_magic.backends.base import Messages, ReplyStats
+from qwen_magic.errors import ContextTooLong, QwenMagicError
+from qwen_magic.options import GenerationOptions
 
 #: Where the API key is looked for when no ``api_key_env`` is given, in this order.
 API_KEY_VARIABLES = ("QWEN_MAGIC_API_KEY", "OPENAI_API_KEY")

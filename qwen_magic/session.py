@@ -4,7 +4,7 @@ Everything qwen_magic keeps in a kernel lives in one plain object, as IPython's 
 its state in one reloader and jupysql its connections in one manager:
 
 * :attr:`Session.backend`: what writes the replies, a model loaded in this kernel
-  (:class:`~qwen_magic.kernel_backend.KernelBackend`) or a model on a server
+  (:class:`~qwen_magic.backends.kernel.backend.KernelBackend`) or a model on a server
   (:class:`~qwen_magic.server_backend.ServerBackend`, :meth:`Session.connect`); one at a time;
 * :attr:`Session.conversations`: the notebook's named conversations;
 * :attr:`Session.history`: the file they are saved to after each turn, if any.
@@ -24,13 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _state, persistence
-from .conversation import ConversationBook
-from .errors import QwenMagicError
+from qwen_magic import _state
+from qwen_magic.conversation import ConversationBook
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.storage import history as persistence
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .loading import LoadedModel, Progress
+    from qwen_magic.backends.base import Backend
+    from qwen_magic.backends.kernel.loading import LoadedModel, Progress
 
 
 class Session:
@@ -66,11 +67,11 @@ class Session:
     ) -> tuple[LoadedModel, bool]:
         """Load ``model`` in this kernel unless it is loaded already; return it, and whether it
         was loaded now. ``how``: ``loading.model_spec``'s options (dtype, device, …)."""
-        from .heavy_imports import import_heavy_modules
+        from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
 
         import_heavy_modules()  # before anything imports torch: a Ctrl-C then waits for it
-        from . import loading
-        from .kernel_backend import KernelBackend
+        from qwen_magic.backends.kernel import loading
+        from qwen_magic.backends.kernel.backend import KernelBackend
 
         spec = loading.model_spec(model, **how)
         current = self.loaded_model
@@ -98,7 +99,7 @@ class Session:
 
         Everything is checked before the current backend goes: a wrong URL or model name
         leaves the model loaded now in place."""
-        from .server_backend import ServerBackend, normalize_url
+        from qwen_magic.server_backend import ServerBackend, normalize_url
 
         current = self.backend
         if (

@@ -32,7 +32,7 @@ TINY_CONFIG = {
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
     """The converted offline demo model (built on first use, then cached)."""
-    from qwen_magic.demo_model import ensure_demo_model
+    from qwen_magic.backends.kernel.demo_model import ensure_demo_model
 
     return ensure_demo_model()
 

@@ -33,14 +33,14 @@ def load_aside(spec: str, **options: Any) -> Any:
     """Load a model once for many tests, outside the kernel's session: each test installs it
     with :func:`install` (so a test that loads another model cannot release it for the
     others)."""
-    from qwen_magic import loading
+    from qwen_magic.backends.kernel import loading
 
     return loading.load_model(loading.model_spec(spec, **options), progress=None)
 
 
 def install(session: Any, loaded: Any) -> Any:
     """Make ``loaded`` the session's model, as a fresh ``%qwen_load`` would (new caches)."""
-    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.backends.kernel.backend import KernelBackend
 
     session.backend = KernelBackend(loaded)
     return loaded
@@ -56,10 +56,10 @@ def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) ->
 
 
 class ScriptedReply:
-    """A :class:`~qwen_magic.backend.Reply` that streams a fixed text, word by word."""
+    """A :class:`~qwen_magic.backends.base.Reply` that streams a fixed text, word by word."""
 
     def __init__(self, text: str, max_new_tokens: int) -> None:
-        from qwen_magic.backend import ReplyStats
+        from qwen_magic.backends.base import ReplyStats
 
         words = text.split(" ")
         self.pieces = [word + " " for word in words[:-1]] + words[-1:]
@@ -87,7 +87,7 @@ class ScriptedReply:
 
 
 class ScriptedBackend:
-    """A :class:`~qwen_magic.backend.Backend` whose replies are given in advance (one "token"
+    """A :class:`~qwen_magic.backends.base.Backend` whose replies are given in advance (one "token"
     a word): for the mechanics that need a reply's words, such as its code blocks."""
 
     name = "scripted"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwen_magic.backend import ReplyStats
+from qwen_magic.backends.base import ReplyStats
 
 
 def stats(**fields) -> ReplyStats:

@@ -7,14 +7,14 @@ import itertools
 import pytest
 import torch
 
-from qwen_magic.caches import PromptCache
+from qwen_magic.backends.kernel.caches import PromptCache
+from qwen_magic.backends.kernel.encoding import encode
+from qwen_magic.backends.kernel.reply import Generation, _cache_argument
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.encoding import encode
-from qwen_magic.generation import Generation, _cache_argument
+from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
 from qwen_magic.session import current as session
-from qwen_magic.view import NullView
 
 GREEDY = GenerationOptions(max_new_tokens=12, do_sample=False)
 QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?", "Why?"]

@@ -1,4 +1,4 @@
-"""qwen_magic.demo_model: the offline demo model's parts, its cache folder and its one-time build.
+"""qwen_magic.backends.kernel.demo_model: the offline demo model's parts, its cache folder and its one-time build.
 
 Builds run under a temporary cache root. The real conversion runs once, in the ``demo_path``
 fixture; tests of the build's bookkeeping (rebuild, locking, atomicity) replace the minute-long
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import demo_model
-from qwen_magic.demo_model import (
+from qwen_magic.backends.kernel import demo_model
+from qwen_magic.backends.kernel.demo_model import (
     DEMO_NAME,
     FORMAT_VERSION,
     GGUF_SHA256,

@@ -26,10 +26,10 @@ import pytest
 from IPython.core.error import UsageError
 
 import qwen_magic
-from qwen_magic import persistence
+from qwen_magic.storage import history as persistence
 from qwen_magic.conversation import Conversation, ConversationBook, Turn
-from qwen_magic.persistence import HistoryStore, read_book
 from qwen_magic.session import current as session
+from qwen_magic.storage.history import HistoryStore, read_book
 
 from .kernel import kernel
 
@@ -511,7 +511,7 @@ def test_concurrent_saves_from_two_processes_lose_no_turn(tmp_path):
     script = (
         "import sys, time\n"
         "from qwen_magic.conversation import Conversation, ConversationBook, Turn\n"
-        "from qwen_magic.persistence import HistoryStore\n"
+        "from qwen_magic.storage.history import HistoryStore\n"
         "path, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
         "book, store = ConversationBook(), HistoryStore(path)\n"
         "while time.time() < start: time.sleep(0.001)\n"

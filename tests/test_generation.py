@@ -11,10 +11,10 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
-from qwen_magic.encoding import PromptEncoder, encode, plain_prompt
+from qwen_magic.backends.kernel.encoding import PromptEncoder, encode, plain_prompt
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
-from qwen_magic.view import NullView
 
 from .helpers import compile_on_any_device, spy_on_generate, start
 
@@ -272,7 +272,7 @@ def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
     """generate receives a StaticCache sized min(context, fast_cache_tokens); no other mode."""
     from transformers import StaticCache
 
-    from qwen_magic.generation import _cache_argument
+    from qwen_magic.backends.kernel.reply import _cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
     start(MESSAGES, GREEDY_FAST).run()
@@ -287,7 +287,7 @@ def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
 def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
     """A second reply gets the same StaticCache object, with the same tensors (no reallocation,
     so nothing to recompile), and the reply runs on the one long-lived fast-mode thread."""
-    from qwen_magic.generation import _cache_argument
+    from qwen_magic.backends.kernel.reply import _cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
     start(MESSAGES, GREEDY_FAST).run()
@@ -337,9 +337,9 @@ QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
 def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     """The first reply in a model's static cache says what --fast does on this device (on a GPU:
     compile, slowly, once); the later ones say nothing."""
+    from qwen_magic.backends.kernel.backend import fast_mode_note
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
-    from qwen_magic.kernel_backend import fast_mode_note
 
     chat = Chat(book=ConversationBook())
     chat.ask("Hello.", options=GREEDY_FAST, view=NullView())

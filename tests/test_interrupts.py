@@ -10,10 +10,10 @@ import time
 import pytest
 
 import qwen_magic
-from qwen_magic import generation
+from qwen_magic.backends.kernel import reply as generation
 from qwen_magic.conversation import ConversationBook
+from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
-from qwen_magic.view import NullView
 
 from .helpers import start
 from .kernel import kernel
@@ -111,7 +111,7 @@ def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny, monkeypatch):
     layer checks are gone once the prefill has ended."""
     import torch
 
-    from qwen_magic.caches import new_dynamic_cache
+    from qwen_magic.backends.kernel.caches import new_dynamic_cache
 
     monkeypatch.setattr(generation, "PREFILL_FIRST_CHUNK", 16)  # a prompt longer than a chunk
     layers = tiny.model.model.layers

@@ -1,4 +1,4 @@
-"""qwen_magic.loading: %qwen_load and load() on the real transformers path, with the tiny model.
+"""qwen_magic.backends.kernel.loading: %qwen_load and load() on the real transformers path, with the tiny model.
 
 Mocks stand in only for what this CPU-only machine cannot produce: a GPU being present or absent,
 little free memory, and an out-of-memory error while the weights load.
@@ -21,7 +21,7 @@ import transformers
 from IPython.core.error import UsageError
 
 import qwen_magic
-from qwen_magic import loading
+from qwen_magic.backends.kernel import loading
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 from qwen_magic.session import current as session
@@ -383,7 +383,7 @@ def test_mistake_is_a_one_line_usage_error_and_keeps_the_model(
 
 def test_truncated_real_gguf_is_a_usage_error(kept, tmp_path, no_cuda):
     """A download of the demo GGUF cut off after 1 MB is a UsageError saying to download again."""
-    from qwen_magic.demo_model import part_paths
+    from qwen_magic.backends.kernel.demo_model import part_paths
 
     truncated = tmp_path / "cut.gguf"
     with open(part_paths()[0], "rb") as part:

@@ -58,7 +58,7 @@ def test_each_cell_adds_one_user_assistant_pair(shell, tiny, capsys):
 def test_rerunning_a_cell_replaces_its_turn(shell, tiny, monkeypatch):
     """A cell id seen before replaces that turn and drops the ones after it."""
     cell = {"id": "cell-a"}
-    monkeypatch.setattr("qwen_magic.magics.current_cell_id", lambda _shell: cell["id"])
+    monkeypatch.setattr("qwen_magic.notebook.magics.current_cell_id", lambda _shell: cell["id"])
     ask(shell, "question A")
     cell["id"] = "cell-b"
     ask(shell, "question B")
@@ -265,7 +265,7 @@ def test_fast_reaches_generate_as_a_static_cache(shell, tiny, monkeypatch):
     """--fast (or %config QwenMagics.fast) makes generate decode into a StaticCache."""
     from transformers import StaticCache
 
-    from qwen_magic.generation import _cache_argument
+    from qwen_magic.backends.kernel.reply import _cache_argument
 
     seen = spy_on_generate(tiny, monkeypatch)
     ask(shell, "hi")

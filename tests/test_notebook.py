@@ -1,5 +1,5 @@
 """The notebook assistant: the last error, cells and values in prompts, code from replies
-(``qwen_magic/notebook.py``), and the magics that use them (``%qwen_error``, ``-i``, ``--code``)."""
+(``qwen_magic/notebook/assistant.py``), and the magics that use them (``%qwen_error``, ``-i``, ``--code``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import notebook
+from qwen_magic.notebook import assistant as notebook
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.session import current as session
 

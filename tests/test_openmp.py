@@ -23,7 +23,7 @@ def this_threads_team() -> set[str]:
     """Run a parallel region on this thread (its team is made); return the helpers it made."""
     import torch
 
-    from qwen_magic.openmp import _libgomp, release_thread_team
+    from qwen_magic.backends.kernel.openmp import _libgomp, release_thread_team
 
     if torch.get_num_threads() < 2 or _libgomp() is None:
         pytest.skip("torch runs on one thread here, or not on libgomp")
@@ -45,7 +45,7 @@ def gone(helpers: set[str], seconds: float = 2.0) -> bool:
 
 
 def test_release_thread_team_lets_this_threads_helpers_go():
-    from qwen_magic.openmp import release_thread_team
+    from qwen_magic.backends.kernel.openmp import release_thread_team
 
     helpers = this_threads_team()
     assert not gone(helpers, seconds=0.2), "a team outlives its parallel region"
@@ -56,8 +56,8 @@ def test_release_thread_team_lets_this_threads_helpers_go():
 def test_a_reply_leaves_no_second_team_behind(tiny_model_path: Path):
     """The team this thread made (as loading a model does) is gone once a reply has run on
     the worker: no two teams make each other wait (openmp.py)."""
-    from qwen_magic import loading
-    from qwen_magic.kernel_backend import KernelBackend
+    from qwen_magic.backends.kernel import loading
+    from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.options import GenerationOptions
 
     loaded = loading.load_model(

@@ -8,10 +8,10 @@ import os
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic import persistence
+from qwen_magic.storage import history as persistence
 from qwen_magic.conversation import ConversationBook, Turn
-from qwen_magic.persistence import HistoryStore, book_to_json, read_book, write_atomic
 from qwen_magic.session import current as session
+from qwen_magic.storage.history import HistoryStore, book_to_json, read_book, write_atomic
 
 FAST = "-n 5 --greedy --view text"
 

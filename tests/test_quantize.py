@@ -12,8 +12,9 @@ import json
 import pytest
 import torch
 
-from qwen_magic import loading, quantize
-from qwen_magic.backend import ReplyStats
+from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel.quantize import formats as quantize
+from qwen_magic.backends.base import ReplyStats
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
@@ -49,7 +50,7 @@ def logits(loaded) -> torch.Tensor:
 def test_int8_layers_multiply_with_pytorchs_int8_kernel(tiny_model_path, scratch_cache, no_cuda):
     """With int8, every linear layer but the tied output layer runs PyTorch's int8 kernel on
     int8 weights, and the model's outputs stay close to the unquantized model's."""
-    from qwen_magic.int8_linear import Int8PackedLinear
+    from qwen_magic.backends.kernel.quantize.int8_linear import Int8PackedLinear
 
     plain = load_tiny(tiny_model_path, "none")
     int8 = load_tiny(tiny_model_path, "int8")
@@ -64,7 +65,7 @@ def test_int8_layers_multiply_with_pytorchs_int8_kernel(tiny_model_path, scratch
 
 def test_int8_layer_computes_the_dequantized_product():
     """Int8PackedLinear gives x @ (weight × per-row scale)ᵀ + bias."""
-    from qwen_magic.int8_linear import Int8PackedLinear
+    from qwen_magic.backends.kernel.quantize.int8_linear import Int8PackedLinear
 
     layer = Int8PackedLinear(64, 32, bias=True, dtype=torch.float32)
     layer.weight.data = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
@@ -252,7 +253,7 @@ def test_quantized_demo_answers_factual_questions(fresh_state, demo_quantized):
     """Quantized to int8 and to int4, the demo model still answers Paris, then Berlin to the
     follow-up, and 4 to 2 + 2."""
     import qwen_magic
-    from qwen_magic.view import NullView
+    from qwen_magic.notebook.views import NullView
 
     install(fresh_state, demo_quantized)
     chat = qwen_magic.Chat()

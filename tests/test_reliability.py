@@ -13,9 +13,9 @@ from transformers import DynamicCache
 
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
+from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
 from qwen_magic.session import current as session
-from qwen_magic.view import NullView
 
 from .kernel import kernel
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_magic.backend import Reply
+from qwen_magic.backends.base import Reply
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
@@ -111,7 +111,7 @@ def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     said: list[str] = []
     backend = ServerBackend.connect(served.url + "/v1/", progress=said.append)
     try:
-        from qwen_magic.backend import Backend
+        from qwen_magic.backends.base import Backend
 
         assert isinstance(backend, Backend)
         config = json.loads((demo_path / "config.json").read_text())
@@ -812,7 +812,7 @@ def test_server_mistakes_are_one_line_and_keep_the_model(shell, tiny, line, says
 def test_the_api_key_never_reaches_the_history_or_an_export(monkeypatch, tmp_path, fresh_state):
     """With a key set, a chat saved and exported holds no trace of it."""
     import qwen_magic
-    from qwen_magic.view import NullView
+    from qwen_magic.notebook.views import NullView
 
     monkeypatch.setenv("QWEN_MAGIC_API_KEY", SECRET)
     server = MockServer(lambda body: streamed(story("Hello", " there.")))
@@ -832,7 +832,7 @@ def test_context_too_long_trims_older_turns_and_asks_once_more(fresh_state):
     """When the server says the prompt is over its (smaller) context, the chat fits the
     conversation to the limit it named and asks again, once; the reply is recorded."""
     import qwen_magic
-    from qwen_magic.view import NullView
+    from qwen_magic.notebook.views import NullView
 
     too_long = (
         "This model's maximum context length is 300 tokens. However, you requested 900 tokens."
@@ -861,9 +861,9 @@ def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, cap
     recorded; after a restart the next reply works."""
     from IPython.core.error import UsageError
 
-    from qwen_magic import magics
+    from qwen_magic.notebook import magics
+    from qwen_magic.notebook.views import TextView
     from qwen_magic.session import current
-    from qwen_magic.view import TextView
 
     class KillOnFirstPiece(TextView):
         """Kills the server as the first words arrive: mid-reply however fast the machine."""

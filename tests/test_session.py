@@ -12,12 +12,12 @@ from IPython.core.error import UsageError
 
 import qwen_magic
 from qwen_magic import _state
-from qwen_magic.backend import Backend, Reply
+from qwen_magic.backends.base import Backend, Reply
+from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.conversation import Turn
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.kernel_backend import KernelBackend
+from qwen_magic.notebook.views import NullView, TextView, View
 from qwen_magic.options import GenerationOptions
-from qwen_magic.view import NullView, TextView, View
 
 from .helpers import start
 
@@ -179,8 +179,8 @@ def test_importing_the_package_is_free_of_torch_and_transformers():
     facts = run_python(
         """
         import json, sys
-        import qwen_magic, qwen_magic.chat, qwen_magic.kernel_backend, qwen_magic.generation
-        import qwen_magic.caches, qwen_magic.session, qwen_magic.view, qwen_magic.magics
+        import qwen_magic, qwen_magic.chat, qwen_magic.backends.kernel.backend, qwen_magic.backends.kernel.reply
+        import qwen_magic.backends.kernel.caches, qwen_magic.session, qwen_magic.notebook.views, qwen_magic.notebook.magics
         print(json.dumps({m: m in sys.modules for m in ("torch", "transformers", "ipywidgets")}))
         """
     )

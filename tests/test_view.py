@@ -8,9 +8,9 @@ import sys
 import time
 
 from qwen_magic.chat import STOPPED_NOTE, Chat
-from qwen_magic.comm_pump import CommPump, ipykernel_supported
+from qwen_magic.notebook.comm_pump import CommPump, ipykernel_supported
+from qwen_magic.notebook.views import TextView, WidgetView, in_widget_frontend, make_view
 from qwen_magic.options import GenerationOptions
-from qwen_magic.view import TextView, WidgetView, in_widget_frontend, make_view
 
 from .kernel import kernel
 

@@ -1,15 +1,15 @@
 """The model runs in this kernel: :class:`KernelBackend`, the in-kernel ``Backend``.
 
-It wraps a :class:`~qwen_magic.loading.LoadedModel` (weights and tokenizer, loaded by
-:mod:`qwen_magic.loading`) and owns everything kept between its replies:
+It wraps a :class:`~qwen_magic.backends.kernel.loading.LoadedModel` (weights and tokenizer, loaded by
+:mod:`qwen_magic.backends.kernel.loading`) and owns everything kept between its replies:
 
-* each conversation's KV cache (:class:`~qwen_magic.caches.PromptCache`), so a follow-up only
+* each conversation's KV cache (:class:`~qwen_magic.backends.kernel.caches.PromptCache`), so a follow-up only
   prefills its new tokens; the last few conversations keep theirs;
-* fast mode's one static cache (:class:`~qwen_magic.caches.StaticCacheSlot`), whose size is then
+* fast mode's one static cache (:class:`~qwen_magic.backends.kernel.caches.StaticCacheSlot`), whose size is then
   the context a conversation is fitted into;
 * the prompt encoder, which renders a turn's prompt once for fitting and generating.
 
-Replies are :class:`~qwen_magic.generation.Generation` objects. Closing the backend drops the
+Replies are :class:`~qwen_magic.backends.kernel.reply.Generation` objects. Closing the backend drops the
 model and its caches and frees their memory.
 """
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from .caches import PromptCache, StaticCacheSlot
-from .encoding import Messages, PromptEncoder
-from .errors import QwenMagicError
-from .generation import Generation
-from .loading import LoadedModel, free_memory
-from .options import GenerationOptions
+from qwen_magic.backends.kernel.caches import PromptCache, StaticCacheSlot
+from qwen_magic.backends.kernel.encoding import Messages, PromptEncoder
+from qwen_magic.backends.kernel.loading import LoadedModel, free_memory
+from qwen_magic.backends.kernel.reply import Generation
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.options import GenerationOptions
 
 #: How many conversations keep their KV cache at once (the oldest one's is dropped first).
 MAX_CACHED_CONVERSATIONS = 4

@@ -23,14 +23,16 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading, notebook, persistence
-from . import session as kernel_session
-from .chat import HISTORY_SHOWN, Chat, describe
-from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
-from .errors import QwenMagicError
-from .heavy_imports import import_heavy_modules
-from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
-from .view import make_view
+from qwen_magic import session as kernel_session
+from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
+from qwen_magic.chat import HISTORY_SHOWN, Chat, describe
+from qwen_magic.conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.notebook import assistant as notebook
+from qwen_magic.notebook.views import make_view
+from qwen_magic.options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
+from qwen_magic.storage import history as persistence
 
 #: The environment variable naming the server a bare ``%qwen_load`` connects to.
 SERVER_ENV_VAR = "QWEN_MAGIC_SERVER"
@@ -354,7 +356,7 @@ class QwenMagics(Magics):
         if backend is None:
             print("No model is loaded; nothing to free.")
             return
-        from .server_backend import ServerBackend
+        from qwen_magic.server_backend import ServerBackend
 
         if isinstance(backend, ServerBackend):
             done = f"Disconnected from {backend.name} at {backend.base_url}"

@@ -41,7 +41,7 @@ import threading
 from types import FrameType, ModuleType
 from typing import Any
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 #: What loading and generation import, in order; the first load brings them all in.
 HEAVY_MODULES = (
@@ -117,7 +117,7 @@ def check_not_half_imported() -> None:
 
 
 def _import_all() -> None:
-    from .quantize import quiet_torchao_import
+    from qwen_magic.backends.kernel.quantize.formats import quiet_torchao_import
 
     with quiet_torchao_import():  # transformers imports torchao, where installed, on the way
         for name in HEAVY_MODULES:

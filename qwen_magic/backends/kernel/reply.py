@@ -1,7 +1,7 @@
 """One reply from a model in this kernel: ``model.generate`` on a worker thread, streamed back.
 
 :class:`Generation` is the seed recipe made safe for a notebook, and the in-kernel
-implementation of :class:`qwen_magic.backend.Reply`:
+implementation of :class:`qwen_magic.backends.base.Reply`:
 
 * ``generate`` runs on a worker thread and feeds a ``TextIteratorStreamer`` (``skip_prompt=True,
   skip_special_tokens=True`` as keyword arguments, so the prompt and ``<|im_end|>`` never show);
@@ -20,11 +20,11 @@ implementation of :class:`qwen_magic.backend.Reply`:
   caller's thread. Running out of memory empties the CUDA cache and becomes a
   :class:`~qwen_magic.errors.QwenMagicError` saying what to lower.
 * Only one generation runs in the kernel at a time.
-* The KV cache comes from :mod:`qwen_magic.caches` (a conversation's cache, or fast mode's static
+* The KV cache comes from :mod:`qwen_magic.backends.kernel.caches` (a conversation's cache, or fast mode's static
   one) through one interface, so there is one path: take a cache for the prompt, generate the
   rest, tell the cache what it now holds. A cache that needs one long-lived thread (fast mode's,
   for its CUDA graphs) gets it.
-* The worker's OpenMP thread team is the only one while it runs (:mod:`qwen_magic.openmp`): a
+* The worker's OpenMP thread team is the only one while it runs (:mod:`qwen_magic.backends.kernel.openmp`): a
   second one, left by the thread that loaded the model, made a CPU decode up to 1.5x slower.
 """
 
@@ -38,12 +38,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import ReplyStats
-from .caches import PromptCache, StaticCacheSlot
-from .errors import QwenMagicError
-from .loading import LoadedModel, free_memory, is_out_of_memory
-from .openmp import release_thread_team
-from .options import GenerationOptions
+from qwen_magic.backends.base import ReplyStats
+from qwen_magic.backends.kernel.caches import PromptCache, StaticCacheSlot
+from qwen_magic.backends.kernel.loading import LoadedModel, free_memory, is_out_of_memory
+from qwen_magic.backends.kernel.openmp import release_thread_team
+from qwen_magic.errors import QwenMagicError
+from qwen_magic.options import GenerationOptions
 
 #: Held while a generation runs: two ``generate`` calls never share a model.
 _generation_lock = threading.Lock()

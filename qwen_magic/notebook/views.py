@@ -10,7 +10,7 @@ one-line footer, each with the same words as ``text/plain`` (:func:`final_bundle
 notebook reads well anywhere (GitHub, nbconvert, a terminal) and not only where widgets render.
 
 The Stop button needs help to work at all, since the kernel's main thread is busy running this
-very cell: :class:`~qwen_magic.comm_pump.CommPump` handles the button's clicks from the cell's
+very cell: :class:`~qwen_magic.notebook.comm_pump.CommPump` handles the button's clicks from the cell's
 thread whenever the view is updated or waits.
 
 :class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives;
@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .backend import Reply
-from .comm_pump import CommPump
+from qwen_magic.backends.base import Reply
+from qwen_magic.notebook.comm_pump import CommPump
 
 CURSOR = " ▌"
 #: Waiting this long for the first token (a long prompt; --fast compiling) shows a counter.

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 DEMO_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 DEMO_ORIGIN = "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)"

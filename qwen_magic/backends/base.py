@@ -3,7 +3,7 @@
 A *backend* turns a list of chat messages into a streamed reply. The chat layer
 (:class:`qwen_magic.chat.Chat`) talks to nothing else, so the same conversations, views, magics
 and history files work whether the model runs in this kernel
-(:class:`qwen_magic.kernel_backend.KernelBackend`, ``transformers``) or on a server that speaks
+(:class:`qwen_magic.backends.kernel.backend.KernelBackend`, ``transformers``) or on a server that speaks
 the OpenAI chat-completions API (:class:`qwen_magic.server_backend.ServerBackend`: vLLM,
 SGLang, ``transformers serve``).
 
@@ -33,7 +33,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .options import GenerationOptions
+from qwen_magic.options import GenerationOptions
 
 Messages = list[dict[str, str]]
 

@@ -47,7 +47,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 #: A value put into a prompt with -i is cut after this many characters.
 VALUE_LIMIT = 4000
@@ -117,7 +117,7 @@ class ErrorWatcher:
         error = None if result is None else result.error_before_exec or result.error_in_exec
         if error is None or getattr(error, OWN_ERROR, False):
             return
-        from . import session
+        from qwen_magic import session
 
         info = result.info
         stored = bool(getattr(info, "store_history", False))

@@ -3,7 +3,7 @@
 A :class:`ModelSpec` names what to load: a hub id (``Qwen/Qwen2-7B-Instruct``), a local Hugging
 Face folder, a ``.gguf`` file, or ``demo`` (the offline demo model, see ``demo_model``), plus how
 (dtype, device, attention, revision, trust_remote_code, and ``quantize``: the weights kept in 8 or 4
-bits, see :mod:`qwen_magic.quantize`). :func:`load_model` returns a
+bits, see :mod:`qwen_magic.backends.kernel.quantize.formats`). :func:`load_model` returns a
 :class:`LoadedModel`: the spec is checked first (path, config, device, memory), so a mistake
 leaves the current model usable; only then is room made (the kernel's session releases the old
 model: references dropped, ``gc``, CUDA cache emptied) and the weights loaded. Keeping one model
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import QwenMagicError
-from .quantize import FORMATS as QUANTIZE_FORMATS
+from qwen_magic.backends.kernel.quantize.formats import FORMATS as QUANTIZE_FORMATS
+from qwen_magic.errors import QwenMagicError
 
 DEFAULT_GPU_MODEL = "Qwen/Qwen2-7B-Instruct"
 MODEL_ENV_VAR = "QWEN_MAGIC_MODEL"
@@ -49,7 +49,7 @@ class ModelSpec:
     attention: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
-    #: Weight-only quantization: "none", "int8" or "int4" (see :mod:`qwen_magic.quantize`).
+    #: Weight-only quantization: "none", "int8" or "int4" (see :mod:`qwen_magic.backends.kernel.quantize.formats`).
     quantize: str = "none"
 
     def __post_init__(self) -> None:
@@ -225,7 +225,7 @@ def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
 
     attention = _attention(spec.attention, on_cuda, notices)
     if spec.quantize != "none":
-        from .quantize import check_format
+        from qwen_magic.backends.kernel.quantize.formats import check_format
 
         check_format(spec.quantize, on_cuda)
         if on_cuda and device_map != "auto" and not isinstance(device_map, (str, int)):
@@ -240,7 +240,7 @@ def _resolve_source(spec: ModelSpec, say: Progress) -> tuple[str, str | None, st
     """Return (path or hub id, gguf file name, display name, source description)."""
     text = spec.model
     if text == "demo":
-        from .demo_model import DEMO_NAME, ensure_demo_model
+        from qwen_magic.backends.kernel.demo_model import DEMO_NAME, ensure_demo_model
 
         folder = ensure_demo_model(progress=say)
         return str(folder), None, f"{DEMO_NAME} (offline demo)", str(folder)
@@ -453,7 +453,7 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(plan.path, **common)
         if quantized:
-            from .quantize import load_quantized
+            from qwen_magic.backends.kernel.quantize.formats import load_quantized
 
             model, quantize_notes = load_quantized(
                 path=plan.path,
@@ -500,7 +500,7 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     device_map = getattr(model, "hf_device_map", None)
     devices = sorted({str(d) for d in device_map.values()}) if device_map else [str(model.device)]
     if quantized:
-        from .quantize import describe, weight_bytes
+        from qwen_magic.backends.kernel.quantize.formats import describe, weight_bytes
 
         memory_bytes, method = weight_bytes(model), describe(spec.quantize, plan.on_cuda)
     else:

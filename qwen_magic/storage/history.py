@@ -61,8 +61,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .conversation import Conversation, ConversationBook, Turn, conversation_problem, json_type
-from .errors import QwenMagicError
+from qwen_magic.conversation import (
+    Conversation,
+    ConversationBook,
+    Turn,
+    conversation_problem,
+    json_type,
+)
+from qwen_magic.errors import QwenMagicError
 
 FORMAT = "qwen_magic.conversations"
 VERSION = 1

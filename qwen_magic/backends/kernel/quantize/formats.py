@@ -28,7 +28,7 @@ must stay unquantized.
 
 **Quantize once.** Quantizing the demo model takes about 20 s on two cores, so on the CPU the
 quantized weights are kept in ``<cache>/quantized/NAME-FORMAT-KEY/`` (see
-:func:`qwen_magic.demo_model.cache_root`). KEY hashes what the weights depend on: the source
+:func:`qwen_magic.backends.kernel.demo_model.cache_root`). KEY hashes what the weights depend on: the source
 files (names, sizes, modification times), the format, the dtype, and the torch, torchao and
 transformers versions and the CPU's instruction set (int4's packing depends on it). The folder
 is written in a scratch folder and moved into place with one ``os.replace``, under a file lock;
@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import QwenMagicError
+from qwen_magic.errors import QwenMagicError
 
 #: ``--quantize`` choices; ``none`` keeps the weights as loaded.
 FORMATS = ("none", "int8", "int4")
@@ -252,7 +252,7 @@ def cache_key(
 
 def cache_folder(name: str, fmt: str, key: dict[str, Any]) -> Path:
     """Where the weights quantized with ``key`` live (they may not be there yet)."""
-    from .demo_model import cache_root
+    from qwen_magic.backends.kernel.demo_model import cache_root
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60] or "model"
@@ -287,8 +287,8 @@ def save_quantized(model: Any, folder: Path, key: dict[str, Any]) -> None:
     last, one ``os.replace``). Earlier caches of the same model and format are removed."""
     import torch
 
-    from .demo_model import move_into_place
-    from .persistence import write_atomic
+    from qwen_magic.backends.kernel.demo_model import move_into_place
+    from qwen_magic.storage.history import write_atomic
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
@@ -322,7 +322,7 @@ def load_saved(
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .int8_linear import packed_skeleton
+    from qwen_magic.backends.kernel.quantize.int8_linear import packed_skeleton
 
     import_torchao()
     saved = torch.load(folder / WEIGHTS_FILE, mmap=True, weights_only=True, map_location="cpu")
@@ -393,7 +393,7 @@ def load_quantized(
             **common,
         )
     if fmt == "int8" and not on_cuda:
-        from .int8_linear import use_cpu_int8_kernel
+        from qwen_magic.backends.kernel.quantize.int8_linear import use_cpu_int8_kernel
 
         use_cpu_int8_kernel(model)
     model.eval()
