@@ -48,9 +48,11 @@ browser-deps:  ## Debian's chromium for the browser test (playwright's own downl
 	  else echo "No /usr/bin/chromium (install Debian's chromium): the browser test will be skipped"; fi; \
 	fi
 
-lint: install
+lint: install  ## ruff, mypy over qwen_magic/, and the layers' import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

@@ -57,7 +57,7 @@ from benchmarks.common import (  # noqa: E402
     say,
     timed,
 )
-from tests.helpers import compile_on_any_device  # noqa: E402  (no IPython needed)
+from qwen_magic.testing.models import compile_on_any_device  # noqa: E402  (no IPython needed)
 
 #: Qwen2-7B-Instruct's config.json, the parts that decide the speed.
 QWEN2_7B = {
@@ -455,8 +455,8 @@ class Bench:
         """Turn 2 of a ``--fast`` chat: its prompt prefix comes from the static cache."""
         from qwen_magic.chat import Chat
         from qwen_magic.conversation import ConversationBook
-        from qwen_magic.notebook.views import NullView
         from qwen_magic.options import GenerationOptions
+        from qwen_magic.presentation import NullView
 
         options = GenerationOptions(max_new_tokens=self.new_tokens, do_sample=False, fast=True)
         chat = Chat(self.backend, ConversationBook(), reuse_cache=True)

@@ -123,7 +123,7 @@ from qwen_magic.backends.kernel import loading
 from qwen_magic.backends.kernel.quantize import formats as quantize
 from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.options import GenerationOptions
-from tests.helpers import compile_on_any_device
+from qwen_magic.testing.models import compile_on_any_device
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 bf16 = qwen_magic.load("demo", progress=None)
@@ -218,9 +218,9 @@ def bench_quantize() -> dict:
     """Everything :func:`section` shows, measured on the demo model (about 5 minutes)."""
     import qwen_magic
     from qwen_magic.backends.kernel.backend import KernelBackend
-    from qwen_magic.backends.kernel.demo_model import cache_root
     from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
     from qwen_magic.options import GenerationOptions
+    from qwen_magic.storage.cache_dir import cache_root
 
     def say(message: str) -> None:
         print(f"quantize: {message}", flush=True)
@@ -385,6 +385,6 @@ def section(result: dict) -> str:
 def write_only_this_section(result: dict, report: Path) -> None:
     """Replace this section of ``report`` (the rest stays as the last full run wrote it)."""
     from benchmarks.common import replace_section
-    from qwen_magic.storage.history import write_atomic
+    from qwen_magic.storage.atomic import write_atomic
 
     write_atomic(report, replace_section(report.read_text(), HEADING, section(result)))

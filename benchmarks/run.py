@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import quantization  # noqa: E402
 from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
-from qwen_magic.notebook.views import NullView  # noqa: E402
-from qwen_magic.storage.history import write_atomic  # noqa: E402
-from tests.helpers import compile_on_any_device  # noqa: E402
-from tests.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
+from qwen_magic.presentation import NullView  # noqa: E402
+from qwen_magic.storage.atomic import write_atomic  # noqa: E402
+from qwen_magic.testing.kernel import kernel  # noqa: E402  (a real ipykernel, shared with the tests)
+from qwen_magic.testing.models import compile_on_any_device  # noqa: E402
 
 PROMPT = "Write a short paragraph about why unit tests matter."
 NEW_TOKENS = 64
@@ -179,7 +179,7 @@ def bench_streaming(loaded) -> dict:
         k.run_ok(
             f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
             "from benchmarks.run import bare_generate\n"
-            "plain_generate = lambda: bare_generate(qwen_magic.current_session().loaded_model, "
+            "plain_generate = lambda: bare_generate(qwen_magic.current_session().backend.loaded, "
             "threaded=False)"
         )
         bare_generate(loaded)  # warm-up every side once
@@ -363,7 +363,7 @@ def bench_server() -> dict:
     from qwen_magic.conversation import ConversationBook
     from qwen_magic.options import GenerationOptions
     from qwen_magic.server_backend import ServerBackend
-    from tests.serving import ServeProcess, serve_missing
+    from qwen_magic.testing.serving import ServeProcess, serve_missing
 
     if why := serve_missing():
         return {"missing": why}

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     if url is None:
         from qwen_magic.backends.kernel.demo_model import ensure_demo_model
-        from tests.serving import ServeProcess, serve_missing
+        from qwen_magic.testing.serving import ServeProcess, serve_missing
 
         if why := serve_missing():
             print(f"Cannot start transformers serve: {why}", file=sys.stderr)

@@ -29,14 +29,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_magic.backends.base import Backend, Reply, ReplyStats
+from qwen_magic import notebook
+from qwen_magic.backends.base import Backend, Message, Reply, ReplyStats
 from qwen_magic.backends.kernel.loading import LoadedModel
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import Conversation, ConversationBook, Turn
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.notebook import report
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import set_default_presentation
 from qwen_magic.session import Session
 from qwen_magic.session import current as current_session
+
+# The composition root: a Chat made from plain Python shows its replies as the notebook does.
+set_default_presentation(report.NOTEBOOK)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "ConversationBook",
     "GenerationOptions",
     "LoadedModel",
+    "Message",
     "QwenMagicError",
     "Reply",
     "ReplyStats",
@@ -54,6 +61,7 @@ __all__ = [
     "current_session",
     "load",
     "load_ipython_extension",
+    "unload_ipython_extension",
 ]
 
 
@@ -69,7 +77,10 @@ def load(model: str | None = None, **how: Any) -> LoadedModel:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the magics (``%load_ext qwen_magic``)."""
-    from qwen_magic.notebook.magics import QwenMagics
+    """``%load_ext qwen_magic``: the magics and the last-error hook (see qwen_magic.notebook)."""
+    notebook.load_ipython_extension(ipython)
 
-    ipython.register_magics(QwenMagics)
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext qwen_magic`` (``%reload_ext`` calls it first): remove the hook."""
+    notebook.unload_ipython_extension(ipython)

@@ -23,10 +23,10 @@ def prepare_demo() -> int:
         DEMO_NAME,
         demo_dir,
         ensure_demo_model,
-        is_complete,
+        is_converted,
     )
 
-    if is_complete(demo_dir()):
+    if is_converted(demo_dir()):
         print(f"The offline demo model {DEMO_NAME} is ready in {demo_dir()}.")
         return 0
     folder = ensure_demo_model()

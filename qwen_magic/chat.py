@@ -22,16 +22,15 @@ and the notebook run goes on. A reply cut short is not recorded when it is a re-
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from qwen_magic import session as kernel_session
-from qwen_magic.backends.base import Backend, Reply
+from qwen_magic.backends.base import Backend, Message, Reply, TextDelta, Waiting
 from qwen_magic.conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
 from qwen_magic.errors import ContextTooLong, QwenMagicError
-from qwen_magic.notebook.views import View, make_view
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import Presentation, View, default_presentation
 
 INTERRUPTED_NOTE = "*(interrupted)*"
 STOPPED_NOTE = "*(stopped)*"
@@ -53,9 +52,12 @@ class Chat:
         book: ConversationBook | None = None,
         *,
         reuse_cache: bool = True,
+        presentation: Presentation | None = None,
     ) -> None:
         self._backend = backend
         self._book = book
+        #: Views and words from the front end (default: the package's, the notebook's).
+        self.presentation = presentation or default_presentation()
         #: Let the backend keep per-conversation state (a KV cache) for cheap follow-ups.
         self.reuse_cache = reuse_cache
 
@@ -102,12 +104,12 @@ class Chat:
         for attempt in (1, 2):
             messages, dropped = self._fit(backend, chat, message, options, cell_id, system_prompt)
             for notice in backend.notices(options):
-                print(notice)
+                self.presentation.say(self.presentation.notice_text(notice))
             reply = backend.start(
                 messages, options, conversation=id(chat) if self.reuse_cache else None
             )
             reply.stats.dropped_turns = dropped
-            shown = shown or _make(view)
+            shown = shown or self._make(view)
             if (start := getattr(shown, "start", None)) is not None:  # optional for your own
                 start(reply)
             try:
@@ -127,7 +129,7 @@ class Chat:
         options: GenerationOptions,
         cell_id: str | None,
         system_prompt: str | None,
-    ) -> tuple[list[dict[str, str]], int]:
+    ) -> tuple[list[Message], int]:
         context = backend.context_length(options)
         if options.max_new_tokens >= context:
             raise QwenMagicError(
@@ -145,7 +147,8 @@ class Chat:
             )
         except QwenMagicError as error:
             if advice := backend.context_advice(options):
-                raise QwenMagicError(f"{error} ({advice})") from error
+                words = "; ".join(self.presentation.notice_text(notice) for notice in advice)
+                raise QwenMagicError(f"{error} ({words})") from error
             raise
 
     def _stream(
@@ -159,29 +162,43 @@ class Chat:
     ) -> Turn:
         """Show the reply as it comes, then record it; an interrupt records the partial turn
         and goes on, a failure records nothing and leaves the partial text on screen."""
-        pieces = iter(reply)
+        footer = self._footer
+        wait = getattr(shown, "wait", None)  # optional for views of your own
         try:
-            for _piece in pieces:
-                shown.update(reply.text)
+            with reply:  # leaving early (Ctrl-C) cancels the work and waits for it
+                for event in reply:
+                    if isinstance(event, TextDelta):
+                        shown.update(reply.text)
+                    elif isinstance(event, Waiting) and wait is not None:
+                        wait()
         except KeyboardInterrupt:
-            _close(pieces)  # the work has ended before anything is recorded
             turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
-            shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), reply.stats.footer())
+            shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), footer(reply))
             raise
         except ContextTooLong:
             raise  # nothing was shown: the caller fits again, or reports it
         except Exception:
             if reply.text:  # keep what came on screen; the error follows below it
-                shown.finish(f"{reply.text}\n\n{FAILED_NOTE}", reply.stats.footer())
+                shown.finish(f"{reply.text}\n\n{FAILED_NOTE}", footer(reply))
             raise
         # A Stop click cancelled the reply: a normal end, recorded as interrupted.
         stopped = reply.cancelled
         turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=stopped)
         text = _with_note(reply.text, STOPPED_NOTE, why_not) if stopped else reply.text
-        shown.finish(text, reply.stats.footer())
-        if note := getattr(reply, "note", None):  # replies of your own may have no note
-            print(note)
+        shown.finish(text, footer(reply))
+        for note in reply.notes:
+            self.presentation.say(self.presentation.notice_text(note))
         return turn
+
+    def _footer(self, reply: Reply) -> str:
+        return self.presentation.footer(reply.stats, self.backend.info())
+
+    def _make(self, view: ViewChoice) -> View:
+        if isinstance(view, str):
+            return self.presentation.make_view(view)
+        if isinstance(view, View) or (hasattr(view, "update") and hasattr(view, "finish")):
+            return view  # type: ignore[return-value]  # any object with update and finish
+        return view()
 
     def _record(
         self,
@@ -204,7 +221,7 @@ class Chat:
             interrupted=reply.stats.interrupted,
             model=self.backend.name,
             options=options.as_record(),
-            stats=reply.stats.as_record(),
+            stats=self._stats_record(reply),
         )
         if turn.interrupted and chat.turn_index_of_cell(cell_id) is not None:
             return turn, "this cell's earlier turn stays"
@@ -212,6 +229,12 @@ class Chat:
             return turn, "nothing was written yet"
         chat.record(turn)
         return turn, None
+
+    def _stats_record(self, reply: Reply) -> dict[str, Any]:
+        record = reply.stats.as_record()
+        if weights := self.backend.info().weights:  # kept as history files always had it
+            record["quantization"] = weights
+        return record
 
 
 def check_text(text: str, what: str) -> None:
@@ -227,61 +250,7 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
-def _close(pieces: Any) -> None:
-    """Close a reply's iterator early: its work is cancelled and waited for. A second
-    interrupt meanwhile changes nothing: the first is already on its way."""
-    close = getattr(pieces, "close", None)
-    if close is not None:
-        with contextlib.suppress(KeyboardInterrupt):
-            close()
-
-
 def _with_note(text: str, note: str, why_not_recorded: str | None) -> str:
     if why_not_recorded:
         note = note.replace(")*", f"; not recorded: {why_not_recorded})*")
     return f"{text}\n\n{note}"
-
-
-def _make(view: ViewChoice) -> View:
-    if isinstance(view, str):
-        return make_view(view)
-    if isinstance(view, View) or (hasattr(view, "update") and hasattr(view, "finish")):
-        return view  # a View, or any object with update(text) and finish(text, footer)
-    return view()
-
-
-#: How many of the latest turns ``%qwen_history`` shows unless asked for all.
-HISTORY_SHOWN = 20
-
-
-def describe(
-    conversation: Conversation, count_tokens: Any = None, *, last: int | None = HISTORY_SHOWN
-) -> str:
-    """A short plain-text table of a conversation's latest ``last`` turns (None: all)."""
-    turns = conversation.turns
-    lines = [
-        f"Conversation {conversation.name!r}: {len(turns)} turn{'s' * (len(turns) != 1)}; "
-        f"system prompt: {conversation.system_prompt!r}"
-    ]
-    first = 0 if last is None else max(0, len(turns) - last)
-    if first:
-        lines.append(f"     … {first} earlier turns (--all shows them)")
-    for number, turn in enumerate(turns[first:], start=first + 1):
-        tokens = turn.stats.get("new_tokens", "?")
-        mark = " (interrupted)" if turn.interrupted else ""
-        lines.append(
-            f"{number:>3}. user: {_clip(turn.user)} | assistant ({tokens} tokens){mark}: "
-            f"{_clip(turn.assistant)}"
-        )
-    if count_tokens is not None and len(turns) <= HISTORY_SHOWN:
-        lines.append(f"History: {count_tokens(conversation.messages())} tokens as a prompt.")
-    if conversation.left_out:
-        lines.append(
-            f"The last prompt left out the {conversation.left_out} oldest turns to fit the context."
-        )
-    return "\n".join(lines)
-
-
-def _clip(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.messages import Message
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_NAME = "default"
@@ -90,7 +91,8 @@ class Turn:
     created: float = field(default_factory=time.time)
     turn_id: str = field(default_factory=new_turn_id)
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[Message]:
+        """The turn as chat messages: the user's, then the assistant's."""
         return [
             {"role": "user", "content": self.user},
             {"role": "assistant", "content": self.assistant},
@@ -132,11 +134,11 @@ class Conversation:
         cell_id: str | None = None,
         system_prompt: str | None = None,
         turns: list[Turn] | None = None,
-    ) -> list[dict[str, str]]:
+    ) -> list[Message]:
         """The chat-template messages: system prompt, history, and the new ``user`` message."""
         history = self.history_for(cell_id) if turns is None else turns
         system = self.system_prompt if system_prompt is None else system_prompt
-        messages = [{"role": "system", "content": system}] if system else []
+        messages: list[Message] = [{"role": "system", "content": system}] if system else []
         for turn in history:
             messages.extend(turn.messages())
         if user is not None:
@@ -173,13 +175,13 @@ class Conversation:
     def fit(
         self,
         user: str,
-        count_tokens: Callable[[list[dict[str, str]]], int],
+        count_tokens: Callable[[list[Message]], int],
         *,
         context_length: int,
         max_new_tokens: int,
         cell_id: str | None = None,
         system_prompt: str | None = None,
-    ) -> tuple[list[dict[str, str]], int]:
+    ) -> tuple[list[Message], int]:
         """The recent history that fits the context, as messages, and how many of the oldest
         turns were left out. ``count_tokens`` renders messages with the chat template and counts.
 

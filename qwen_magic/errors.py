@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - exercised by the no-IPython test in a 
     _Base = Exception  # type: ignore[assignment,misc]
 
 
-class QwenMagicError(_Base):  # type: ignore[valid-type,misc]
+class QwenMagicError(_Base):
     """A mistake the user can fix; the message says how, in one line."""
 
 

@@ -78,23 +78,6 @@ class GenerationOptions:
             return True
         return self.do_sample
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``: only what was set."""
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
-        do_sample = self.sampling
-        if do_sample is not None:
-            kwargs["do_sample"] = do_sample
-        if do_sample is not False:
-            for name in ("temperature", "top_p", "top_k"):
-                if (value := getattr(self, name)) is not None:
-                    kwargs[name] = value
-        else:
-            # Greedy: neutralise sampling defaults so transformers does not warn about them.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
-
     def as_record(self) -> dict[str, Any]:
         """What a saved turn keeps of these options: the ones that were set."""
         record = {key: value for key, value in asdict(self).items() if value is not None}

@@ -70,7 +70,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from qwen_magic.backends.base import Messages, ReplyStats
+from qwen_magic.backends.base import (
+    WAITING,
+    BackendInfo,
+    Messages,
+    Notice,
+    ReplyEnd,
+    ReplyEvent,
+    ReplyStats,
+    TextDelta,
+    chat_dicts,
+)
 from qwen_magic.errors import ContextTooLong, QwenMagicError
 from qwen_magic.options import GenerationOptions
 
@@ -327,9 +337,12 @@ class ServerBackend:
         """The server's context in tokens (``options.fast`` changes nothing on a server)."""
         return self._context_tokens
 
-    def context_advice(self, options: GenerationOptions) -> str:
+    def context_advice(self, options: GenerationOptions) -> list[Notice]:
         """Nothing to add: the context is the server's to set."""
-        return ""
+        return []
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(kind="server", name=self.name, location=self.base_url)
 
     def count_tokens(self, messages: Messages) -> int:
         """Tokens of ``messages`` as a prompt: exact with the model's local tokenizer, else
@@ -347,7 +360,7 @@ class ServerBackend:
         """Whether :meth:`count_tokens` uses the model's tokenizer (else it estimates)."""
         return self._tokenizer_source is not None
 
-    def notices(self, options: GenerationOptions) -> list[str]:
+    def notices(self, options: GenerationOptions) -> list[Notice]:
         """Lines to show before a reply, each once: ``--fast`` does nothing here; options the
         server is known to reject."""
         lines = []
@@ -362,7 +375,7 @@ class ServerBackend:
             lines.append(self._left_out_note(dropped, "they are left out"))
         fresh = [line for line in lines if line and line not in self._said]
         self._said.update(fresh)
-        return fresh
+        return [Notice("line", {"text": line}) for line in fresh]
 
     def start(
         self,
@@ -403,7 +416,7 @@ class ServerBackend:
         """The JSON body for a streamed reply: only what was set, less what the server rejects."""
         fields: dict[str, Any] = {
             "model": self.model_id,
-            "messages": messages,
+            "messages": chat_dicts(messages),
             "stream": True,
             "max_tokens": options.max_new_tokens,
         }
@@ -513,10 +526,8 @@ class ServerReply:
         #: The text so far (all of it once the iteration has ended).
         self.text = ""
         self.stats = ReplyStats()
-        #: Called on the reading thread while it waits for text (a Stop click, a wait counter).
-        self.on_wait: Callable[[], Any] | None = None
-        #: One line about this reply to show with it (options the server did not accept).
-        self.note: str | None = None
+        #: What to say with this reply (options the server did not accept).
+        self.notes: list[Notice] = []
         #: Why the server stopped: "stop", "length", … (None: cancelled, cut or not yet ended).
         self.finish_reason: str | None = None
         self._pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -539,7 +550,34 @@ class ServerReply:
         if stream is not None:
             _abort(stream)
 
-    def __iter__(self) -> Iterator[str]:
+    def __enter__(self) -> ServerReply:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel what is left (the stream is closed) and let the worker end."""
+        self.cancel()
+        if self._worker is not None and self._worker.is_alive():
+            self._worker.join(JOIN_SECONDS)
+
+    @property
+    def note(self) -> str | None:
+        """The line said with this reply, if any (options the server did not accept)."""
+        return "; ".join(str(notice.facts["text"]) for notice in self.notes) or None
+
+    def run(self) -> str:
+        """Read the whole reply without showing it; return its text."""
+        with self:
+            for _event in self:
+                pass
+        return self.text
+
+    def __iter__(self) -> Iterator[ReplyEvent]:
+        return self._events()
+
+    def _events(self) -> Iterator[ReplyEvent]:
         if self._worker is not None:
             raise RuntimeError("A ServerReply can be iterated only once.")
         started = time.perf_counter()
@@ -557,23 +595,23 @@ class ServerReply:
                 self.cancel()
                 self._worker.join(JOIN_SECONDS)
             self._finish_stats(started)
+        yield ReplyEnd(self.stats.stop_reason, self.stats)
 
-    def _pieces_until_done(self, started: float) -> Iterator[str]:
+    def _pieces_until_done(self, started: float) -> Iterator[ReplyEvent]:
         while not self._cancel.is_set():
             try:
                 kind, payload = self._pieces.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if self.on_wait is not None:
-                    self.on_wait()
+                yield WAITING
                 continue
             if kind == "text":
                 if self.stats.first_token_seconds is None:
                     self.stats.first_token_seconds = time.perf_counter() - started
                 self.text += payload
                 self.stats.new_tokens += 1  # replaced by the server's count when it sends one
-                yield payload
+                yield TextDelta(payload)
             elif kind == "note":
-                self.note = payload
+                self.notes.append(Notice("line", {"text": payload}))
             elif kind == "error":
                 raise self._as_user_error(*payload)
             else:  # "end"
@@ -939,3 +977,45 @@ def _abort(stream: Any) -> None:
             pass
     with contextlib.suppress(Exception):
         stream.close()
+
+
+class ServerRequest:
+    """A server to connect to (what ``%qwen_load --server URL`` asks the session for)."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        *,
+        api_key_env: str | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        self.url, self.model = url, model
+        self.api_key_env, self.context_length = api_key_env, context_length
+
+    def is_open_in(self, backend: Any) -> bool:
+        """Connected to the same server and model already (and no new context asked for)."""
+        return (
+            isinstance(backend, ServerBackend)
+            and backend.base_url == normalize_url(self.url)
+            and self.model in (None, backend.model_id)
+            and self.context_length is None
+        )
+
+    def open(self, current: Any, release_current: Callable[[], Any]) -> ServerBackend:
+        """Connect first (a wrong URL or model leaves the current backend in use), then let the
+        current one go."""
+        backend = ServerBackend.connect(
+            self.url,
+            self.model,
+            api_key_env=self.api_key_env,
+            context_length=self.context_length,
+            progress=None,
+        )
+        release_current()
+        return backend
+
+
+def request(url: str, model: str | None = None, **how: Any) -> ServerRequest:
+    """The registry's factory for servers."""
+    return ServerRequest(url, model, **how)

@@ -24,12 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qwen_magic import _state
+from qwen_magic import _state, backends
 from qwen_magic.conversation import ConversationBook
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.storage import history as persistence
+from qwen_magic.storage import codec
+from qwen_magic.storage import history as history_file
 
 if TYPE_CHECKING:
+    from qwen_magic.backends import BackendRequest
     from qwen_magic.backends.base import Backend
     from qwen_magic.backends.kernel.loading import LoadedModel, Progress
 
@@ -40,7 +42,7 @@ class Session:
     def __init__(self) -> None:
         self.backend: Backend | None = None
         self.conversations = ConversationBook()
-        self.history: persistence.HistoryStore | None = None
+        self.history: history_file.HistoryStore | None = None
         #: Cells that failed in one of qwen_magic's own magics (a one-line mistake, an
         #: interrupted reply): ``%qwen_error`` passes over them (see ``notebook.last_error``).
         self.magic_errors: set[tuple[int, str, str]] = set()
@@ -48,11 +50,6 @@ class Session:
         self.last_cell_error: Any = None
 
     # -- the backend ----------------------------------------------------------------------
-
-    @property
-    def loaded_model(self) -> LoadedModel | None:
-        """The model loaded in this kernel, if the backend is one."""
-        return getattr(self.backend, "loaded", None)
 
     def require_backend(self) -> Backend:
         """The backend in use, or a one-line error saying how to get one."""
@@ -62,28 +59,23 @@ class Session:
             )
         return self.backend
 
+    def open(self, request: BackendRequest) -> tuple[Backend, bool]:
+        """Open the backend ``request`` asks for, unless it is the one in use already; return
+        it, and whether it was opened now. The request checks everything before the current
+        backend is released, so a mistake leaves it in use."""
+        if request.is_open_in(self.backend):
+            assert self.backend is not None
+            return self.backend, False
+        self.backend = request.open(self.backend, self.release)
+        return self.backend, True
+
     def load_model(
         self, model: str | None = None, *, progress: Progress | None = print, **how: Any
     ) -> tuple[LoadedModel, bool]:
         """Load ``model`` in this kernel unless it is loaded already; return it, and whether it
         was loaded now. ``how``: ``loading.model_spec``'s options (dtype, device, …)."""
-        from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
-
-        import_heavy_modules()  # before anything imports torch: a Ctrl-C then waits for it
-        from qwen_magic.backends.kernel import loading
-        from qwen_magic.backends.kernel.backend import KernelBackend
-
-        spec = loading.model_spec(model, **how)
-        current = self.loaded_model
-        if current is not None and current.spec == spec:
-            return current, False
-        freed = current.memory_bytes if current is not None else 0
-        del current  # no reference of ours may keep the old model alive once it is released
-        loaded = loading.load_model(
-            spec, progress=progress, make_room=self.release, freed_bytes=freed
-        )
-        self.backend = KernelBackend(loaded)
-        return loaded, True
+        backend, fresh = self.open(backends.request("kernel", model, progress=progress, **how))
+        return backend.loaded, fresh  # type: ignore[attr-defined]  # a kernel backend's
 
     def connect(
         self,
@@ -95,31 +87,15 @@ class Session:
         progress: Progress | None = print,
     ) -> tuple[Backend, bool]:
         """Chat with a model on an OpenAI-compatible server instead of loading one; return the
-        backend and whether it connected now (the same server and model again: a no-op).
-
-        Everything is checked before the current backend goes: a wrong URL or model name
-        leaves the model loaded now in place."""
-        from qwen_magic.server_backend import ServerBackend, normalize_url
-
-        current = self.backend
-        if (
-            isinstance(current, ServerBackend)
-            and current.base_url == normalize_url(url)
-            and model in (None, current.model_id)
-            and context_length is None
-        ):
-            return current, False
-        backend = ServerBackend.connect(
-            url,
-            model,
-            api_key_env=api_key_env,
-            context_length=context_length,
-            progress=None,
+        backend and whether it connected now (the same server and model again: a no-op)."""
+        backend, fresh = self.open(
+            backends.request(
+                "server", url, model, api_key_env=api_key_env, context_length=context_length
+            )
         )
-        self.use(backend)
-        if progress is not None:
+        if fresh and progress is not None:
             progress(backend.summary())
-        return backend, True
+        return backend, fresh
 
     def use(self, backend: Backend) -> Backend:
         """Make ``backend`` the one in use; the previous one is closed first."""
@@ -146,20 +122,20 @@ class Session:
         """
         if explicit:
             path = Path(explicit).expanduser()
-        elif (notebook := persistence.notebook_path(shell)) is not None:
-            path = persistence.history_path_for(notebook)
+        elif (notebook := history_file.notebook_path(shell)) is not None:
+            path = history_file.history_path_for(notebook)
         else:
             return None
         if self.history is not None and self.history.path == path:
             return None
-        self.history = persistence.HistoryStore(path)
+        self.history = history_file.HistoryStore(path)
         try:
             saved = self.history.load()
         except QwenMagicError as error:
             return f"Not saving conversations: {error}"
         if saved is not None and not any(self.conversations.conversations.values()):
             self._replace_conversations(saved)
-            return f"Restored {persistence.summary(saved)} from {path}."
+            return f"Restored {codec.summary(saved)} from {path}."
         return None
 
     def autosave(self) -> str | None:
@@ -187,13 +163,13 @@ class Session:
     def save(self, path: Path) -> str:
         """Write every conversation to ``path`` (the history file: merged with other kernels'
         turns, and autosave resumes); returns a line saying what was saved."""
-        return persistence.save_book(path, self.conversations, store=self.history)
+        return history_file.save_book(path, self.conversations, store=self.history)
 
     def restore(self, path: Path) -> str:
         """Replace the conversations with those saved in ``path``; returns what came back."""
-        book = persistence.read_book(path)
+        book = codec.read_book(path)
         self._replace_conversations(book)
-        return persistence.summary(book)
+        return codec.summary(book)
 
     def _replace_conversations(self, book: ConversationBook) -> None:
         book.default_system_prompt = self.conversations.default_system_prompt

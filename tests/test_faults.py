@@ -26,12 +26,13 @@ import pytest
 from IPython.core.error import UsageError
 
 import qwen_magic
-from qwen_magic.storage import history as persistence
 from qwen_magic.conversation import Conversation, ConversationBook, Turn
 from qwen_magic.session import current as session
-from qwen_magic.storage.history import HistoryStore, read_book
-
-from .kernel import kernel
+from qwen_magic.storage import atomic, codec, export
+from qwen_magic.storage import history as history_file
+from qwen_magic.storage.codec import read_book
+from qwen_magic.storage.history import HistoryStore
+from qwen_magic.testing.kernel import kernel
 
 FAST = "-n 3 --greedy --view text"
 WARNING = "Could not save conversations"
@@ -77,14 +78,14 @@ def immutable(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
                 raise PermissionError(errno.EACCES, "Permission denied", str(dst))
             return real_replace(src, dst, *args, **kwargs)
 
-        monkeypatch.setattr(persistence.os, "replace", refuse)
+        monkeypatch.setattr(atomic.os, "replace", refuse)
     try:
         yield "chattr" if made else "monkeypatched os.replace"
     finally:
         if made:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         else:
-            monkeypatch.setattr(persistence.os, "replace", real_replace)
+            monkeypatch.setattr(atomic.os, "replace", real_replace)
 
 
 @contextmanager
@@ -118,7 +119,7 @@ def book_with(*messages: str, name: str = "default") -> ConversationBook:
 
 def valid_payload() -> dict:
     book = book_with("one", "two", "three")
-    return json.loads(persistence.book_to_json(book))
+    return json.loads(codec.book_to_json(book))
 
 
 # -- 1. a history file or folder that cannot be written -----------------------------------------
@@ -196,7 +197,7 @@ def test_a_file_without_write_permission_gives_one_line(tmp_path, monkeypatch):
     def denied(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
-    monkeypatch.setattr(persistence.os, "replace", denied)
+    monkeypatch.setattr(atomic.os, "replace", denied)
     message = store.save(book_with("a", "b"))
     assert message is not None and "permission denied" in message and "\n" not in message
     assert store.failing
@@ -326,7 +327,7 @@ def test_export_overwrites_its_own_exports_and_anything_with_force(shell, tiny, 
     ask(shell, "hi")
     path = tmp_path / "chat.md"
     shell.run_line_magic("qwen_export", str(path))
-    assert path.read_text().splitlines()[0] == persistence.EXPORT_MARK
+    assert path.read_text().splitlines()[0] == export.EXPORT_MARK
     ask(shell, "again")
     shell.run_line_magic("qwen_export", str(path))
     assert "again" in path.read_text()
@@ -385,7 +386,7 @@ def test_writing_to_a_symlink_writes_through_to_its_target(shell, tiny, notebook
     assert saved_users(real_history) == ["through the link", "again"]
 
     real_export = synced / "chat.md"
-    real_export.write_text(persistence.EXPORT_MARK + "\nold\n")
+    real_export.write_text(export.EXPORT_MARK + "\nold\n")
     os.chmod(real_export, 0o604)
     link = tmp_path / "chat.md"
     link.symlink_to(real_export)
@@ -420,7 +421,7 @@ def test_autosave_resumes_when_the_file_is_a_history_again(shell, tiny, notebook
     path.write_text("[]")
     session().attach_history(shell)
     ask(shell, "mine")
-    path.write_text(persistence.book_to_json(book_with("restored by hand")))
+    path.write_text(codec.book_to_json(book_with("restored by hand")))
     ask(shell, "mine again")
     assert set(saved_users(path)) == {"restored by hand", "mine", "mine again"}
 
@@ -446,7 +447,7 @@ def test_a_truncated_history_is_refused_and_never_overwritten(shell, tiny, noteb
     """A history cut short (a killed process) is refused with one line at %load_ext, and turns
     after it leave it byte for byte as it was."""
     path = history(notebook)
-    whole = persistence.book_to_json(book_with("a", "b", "c"))
+    whole = codec.book_to_json(book_with("a", "b", "c"))
     path.write_text(whole[: len(whole) // 2])
     before = path.read_bytes()
     message = session().attach_history(shell)
@@ -494,7 +495,7 @@ def test_a_restored_turn_removed_before_any_save_is_deleted_from_the_file(tmp_pa
     """A kernel that restored the file and pops or resets before its first save deletes those
     turns from the file: they were its own, not another kernel's."""
     path = tmp_path / "h.qwen.json"
-    persistence.write_atomic(path, persistence.book_to_json(book_with("one", "two", "three")))
+    atomic.write_atomic(path, codec.book_to_json(book_with("one", "two", "three")))
     store = HistoryStore(path)
     book = store.load()
     book.get().pop()
@@ -635,7 +636,7 @@ def test_a_large_history_autosaves_without_rereading_its_own_file(tmp_path, monk
     book = ConversationBook()
     for number in range(2000):
         book.get().record(Turn(f"question {number} " + "x" * 2500, "answer " + "y" * 2500))
-    persistence.write_atomic(path, persistence.book_to_json(book))
+    atomic.write_atomic(path, codec.book_to_json(book))
     assert path.stat().st_size > 10 * 10**6
     started = time.perf_counter()
     store = HistoryStore(path)
@@ -643,8 +644,8 @@ def test_a_large_history_autosaves_without_rereading_its_own_file(tmp_path, monk
     restored.get().record(Turn("one more", "reply"))
     assert store.save(restored) is None
     reads = []
-    real_read_book = persistence.read_book
-    monkeypatch.setattr(persistence, "read_book", lambda p: reads.append(p) or real_read_book(p))
+    real_read_book = codec.read_book
+    monkeypatch.setattr(history_file, "read_book", lambda p: reads.append(p) or real_read_book(p))
     restored.get().record(Turn("and another", "reply"))
     assert store.save(restored) is None
     assert reads == []
@@ -690,7 +691,7 @@ def test_a_history_with_a_name_saved_before_names_were_checked_still_loads(tmp_p
     book = ConversationBook()
     book.conversations[""] = Conversation("", "s", [Turn("q", "a")])
     path = tmp_path / "h.qwen.json"
-    path.write_text(persistence.book_to_json(book))
+    path.write_text(codec.book_to_json(book))
     assert users(read_book(path), "") == ["q"]
 
 

@@ -11,10 +11,13 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
+from qwen_magic.backends.base import TextDelta
 from qwen_magic.backends.kernel.encoding import PromptEncoder, encode, plain_prompt
+from qwen_magic.backends.kernel.reply import generate_kwargs
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.notebook.views import NullView
+from qwen_magic.notebook import report
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 
 from .helpers import compile_on_any_device, spy_on_generate, start
 
@@ -81,7 +84,7 @@ def test_the_prompt_encoder_never_serves_stale_ids(tiny):
 def test_reply_streams_in_several_chunks(tiny):
     """The reply arrives as several chunks whose concatenation is the final text."""
     generation = start(MESSAGES, SAMPLE)
-    chunks = list(generation)
+    chunks = [event.text for event in generation if isinstance(event, TextDelta)]
     assert len(chunks) > 1
     assert "".join(chunks) == generation.text
     assert generation.stats.new_tokens > 1
@@ -125,13 +128,13 @@ def test_options_reach_generate(tiny, monkeypatch):
 def test_greedy_and_temperature_zero_disable_sampling():
     """--greedy and temperature 0 mean greedy; a temperature or top-p alone means sampling."""
     assert (
-        GenerationOptions(do_sample=False, temperature=0.7).generate_kwargs()["do_sample"] is False
+        generate_kwargs(GenerationOptions(do_sample=False, temperature=0.7))["do_sample"] is False
     )
-    kwargs = GenerationOptions(temperature=0).generate_kwargs()
+    kwargs = generate_kwargs(GenerationOptions(temperature=0))
     assert kwargs["do_sample"] is False and kwargs["temperature"] is None
-    assert "do_sample" not in GenerationOptions().generate_kwargs()  # the model's own default
-    assert GenerationOptions(temperature=1.2).generate_kwargs()["do_sample"] is True
-    assert GenerationOptions(top_p=0.9).generate_kwargs()["do_sample"] is True
+    assert "do_sample" not in generate_kwargs(GenerationOptions())  # the model's own default
+    assert generate_kwargs(GenerationOptions(temperature=1.2))["do_sample"] is True
+    assert generate_kwargs(GenerationOptions(top_p=0.9))["do_sample"] is True
 
 
 @pytest.mark.parametrize(
@@ -154,8 +157,8 @@ def test_out_of_range_options_are_usage_errors(options, fix):
 def test_cancel_stops_within_a_step_and_keeps_the_partial_text(tiny):
     """cancel() ends generation early; the worker is joined and the partial text kept."""
     generation = start(MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True))
-    for chunk in generation:
-        if chunk:
+    for event in generation:
+        if isinstance(event, TextDelta):
             generation.cancel()
     assert generation.stats.interrupted
     assert generation.stats.stop_reason == "cancelled"
@@ -171,13 +174,13 @@ def test_stop_reason_tells_the_length_cap_from_the_models_own_end(tiny, monkeypa
     capped = start(MESSAGES, greedy)
     capped.run()
     assert capped.stats.stop_reason == "length" and capped.stats.new_tokens == 5
-    assert "stopped at the 5-token limit (-n)" in capped.stats.footer()
+    assert "stopped at the 5-token limit (-n)" in report.footer(capped.stats)
     first = capped._sequence[len(capped.prompt_ids)]
     monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", [first])
     ended = start(MESSAGES, greedy)
     ended.run()
     assert ended.stats.stop_reason == "eos" and ended.stats.new_tokens == 1
-    assert "limit" not in ended.stats.footer()
+    assert "limit" not in report.footer(ended.stats)
 
 
 def test_interrupt_while_reading_stops_the_worker(tiny):
@@ -272,30 +275,30 @@ def test_fast_mode_hands_generate_a_static_cache(tiny, monkeypatch):
     """generate receives a StaticCache sized min(context, fast_cache_tokens); no other mode."""
     from transformers import StaticCache
 
-    from qwen_magic.backends.kernel.reply import _cache_argument
+    from qwen_magic.backends.kernel.prefill import cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
     start(MESSAGES, GREEDY_FAST).run()
-    cache = calls[-1][_cache_argument()]
+    cache = calls[-1][cache_argument()]
     assert isinstance(cache, StaticCache)
     assert cache.get_max_length() == min(tiny.context_length, GREEDY_FAST.fast_cache_tokens)
     assert "cache_implementation" not in calls[-1]  # the cache object itself says static
     start(MESSAGES, GenerationOptions(max_new_tokens=4)).run()
-    assert type(calls[-1][_cache_argument()]).__name__ == "DynamicCache"  # kept nowhere
+    assert type(calls[-1][cache_argument()]).__name__ == "DynamicCache"  # kept nowhere
 
 
 def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
     """A second reply gets the same StaticCache object, with the same tensors (no reallocation,
     so nothing to recompile), and the reply runs on the one long-lived fast-mode thread."""
-    from qwen_magic.backends.kernel.reply import _cache_argument
+    from qwen_magic.backends.kernel.prefill import cache_argument
 
     calls = spy_on_generate(tiny, monkeypatch)
     start(MESSAGES, GREEDY_FAST).run()
-    first = calls[-1][_cache_argument()]
+    first = calls[-1][cache_argument()]
     addresses = [layer.keys.data_ptr() for layer in first.layers]
     other = [{"role": "user", "content": "Something else entirely."}]
     start(other, GREEDY_FAST).run()
-    assert calls[-1][_cache_argument()] is first
+    assert calls[-1][cache_argument()] is first
     assert [layer.keys.data_ptr() for layer in first.layers] == addresses
     assert not worker_threads()  # no per-reply thread is left behind
     fast_threads = [t for t in threading.enumerate() if t.name == "qwen_magic-fast"]
@@ -337,7 +340,12 @@ QUESTIONS = ["Name a fruit.", "Name another one.", "Which is sweeter?"]
 def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     """The first reply in a model's static cache says what --fast does on this device (on a GPU:
     compile, slowly, once); the later ones say nothing."""
-    from qwen_magic.backends.kernel.backend import fast_mode_note
+    from qwen_magic.backends.kernel.backend import fast_mode_notice
+    from qwen_magic.notebook.report import notice_text
+
+    def fast_mode_note(loaded):
+        return notice_text(fast_mode_notice(loaded))
+
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
 
@@ -433,8 +441,8 @@ def test_a_failed_fast_reply_resets_the_static_cache(tiny, monkeypatch):
 def test_cancel_in_fast_mode_keeps_the_partial_text(tiny):
     """Cancelling a fast reply stops it within a step; the next reply still works."""
     generation = start(MESSAGES, GenerationOptions(max_new_tokens=400, do_sample=True, fast=True))
-    for chunk in generation:
-        if chunk:
+    for event in generation:
+        if isinstance(event, TextDelta):
             generation.cancel()
     assert generation.stats.interrupted and generation.text
     assert generation.stats.new_tokens < 400

@@ -18,8 +18,7 @@ import pytest
 
 from qwen_magic.backends.kernel import heavy_imports
 from qwen_magic.errors import QwenMagicError
-
-from .kernel import kernel
+from qwen_magic.testing.kernel import kernel
 
 # torch is whole, or was never imported: no submodules left behind by a broken-off import.
 TORCH_WHOLE_OR_ABSENT = (
@@ -65,7 +64,7 @@ def test_interrupting_a_bare_first_load_leaves_the_kernel_usable(demo_path):
         assert reply["status"] == "ok" or reply["ename"] == "KeyboardInterrupt", reply
         assert k.value(TORCH_WHOLE_OR_ABSENT) is True
         k.run_ok(load)
-        loaded = "__import__('qwen_magic').current_session().loaded_model"
+        loaded = "__import__('qwen_magic').current_session().backend.loaded"
         assert k.value(f"{loaded}.spec.model") == "demo"
 
 

@@ -10,13 +10,15 @@ import time
 import pytest
 
 import qwen_magic
+from qwen_magic.backends.base import TextDelta
 from qwen_magic.backends.kernel import reply as generation
+from qwen_magic.backends.kernel.prefill import cache_argument
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
+from qwen_magic.testing.kernel import kernel
 
 from .helpers import start
-from .kernel import kernel
 
 GREEDY = GenerationOptions(max_new_tokens=6, do_sample=False)
 WORKERS = "[t.name for t in threading.enumerate() if t.name.startswith('qwen_magic-generate')]"
@@ -54,11 +56,8 @@ def test_an_interrupted_rerun_of_an_early_cell_changes_nothing(tiny):
 class InterruptWhileWaiting(NullView):
     """Raises KeyboardInterrupt while the first token is awaited, as Ctrl-C during a prefill."""
 
-    def start(self, reply) -> None:
-        def interrupt() -> None:
-            raise KeyboardInterrupt
-
-        reply.on_wait = interrupt
+    def wait(self) -> None:
+        raise KeyboardInterrupt
 
 
 def test_an_interrupt_before_the_first_word_records_nothing(tiny, monkeypatch):
@@ -97,7 +96,7 @@ def test_prefill_reads_the_prompt_in_chunks_and_stops_between_them(tiny, monkeyp
     monkeypatch.setattr(tiny.model, "generate", lambda **k: generate_calls.append(k))
     messages = [{"role": "user", "content": "word " * 300}]
     reply = start(messages, GREEDY)
-    assert list(reply) == []
+    assert [event for event in reply if isinstance(event, TextDelta)] == []
     assert chunks == [16, 16, 16]  # stopped after the chunk that saw the cancel
     assert generate_calls == [] and reply.cancelled
     monkeypatch.setattr(tiny.model, "generate", real_generate)
@@ -126,7 +125,7 @@ def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny, monkeypatch):
     kwargs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        generation._cache_argument(): new_dynamic_cache(tiny.model.config),
+        cache_argument(): new_dynamic_cache(tiny.model.config),
     }
     try:
         covered = generation.prefill(tiny.model, kwargs, cancel)

@@ -43,7 +43,7 @@ def usage_error(call, *args, **kwargs) -> str:
 
 def assert_usable(loaded) -> None:
     """``loaded`` is still the kernel's model and answers a short greedy prompt."""
-    assert session().loaded_model is loaded
+    assert session().backend.loaded is loaded
     options = GenerationOptions(max_new_tokens=2, do_sample=False)
     turn = qwen_magic.Chat().ask("Say hi.", options=options, view="text")
     assert turn.model == loaded.name
@@ -89,7 +89,7 @@ def tiny_once(tiny_model_path):
 def kept(fresh_state, tiny_once):
     """The shared tiny model as the kernel's current model, for tests that must not replace it."""
     yield install(fresh_state, tiny_once)
-    if fresh_state.loaded_model is tiny_once:
+    if getattr(fresh_state.backend, "loaded", None) is tiny_once:
         fresh_state.backend = None  # still alive in tiny_once: spare release() its gc pass
 
 
@@ -136,7 +136,7 @@ def test_load_fills_every_field_of_loaded_model(fresh_state, tiny_model_path, no
     assert not model.training
     assert model.generation_config.pad_token_id is not None
     assert loaded.tokenizer.convert_ids_to_tokens(model.config.eos_token_id) == "<|im_end|>"
-    assert session().loaded_model is loaded is session().loaded_model
+    assert session().backend.loaded is loaded is session().backend.loaded
 
 
 def test_summary_is_one_line_with_name_size_dtype_device_memory_time(kept):
@@ -153,7 +153,7 @@ def test_summary_is_one_line_with_name_size_dtype_device_memory_time(kept):
 def test_qwen_load_prints_progress_then_the_summary(shell, tiny_model_path, capsys, no_cuda):
     """%qwen_load prints a 'Loading …' line, then the loaded model's summary as its last line."""
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU}")
-    loaded = session().loaded_model
+    loaded = session().backend.loaded
     lines = output_lines(capsys)
     assert lines[0].startswith("Loading tiny-qwen2: dtype auto, device cpu, attention sdpa")
     assert lines[-1] == loaded.summary()
@@ -163,7 +163,7 @@ def test_qwen_load_prints_progress_then_the_summary(shell, tiny_model_path, caps
 def test_quiet_prints_only_the_summary(shell, tiny_model_path, capsys, no_cuda):
     """%qwen_load --quiet prints the summary line and nothing else."""
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU} --quiet")
-    assert output_lines(capsys) == [session().loaded_model.summary()]
+    assert output_lines(capsys) == [session().backend.loaded.summary()]
 
 
 # -- once per kernel ---------------------------------------------------------------------------
@@ -174,12 +174,12 @@ def test_same_spec_again_returns_the_identical_object(
 ):
     """A second %qwen_load with the same spec is the same object, reads nothing, says so."""
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU}")
-    first = session().loaded_model
+    first = session().backend.loaded
     capsys.readouterr()
     model_calls = len(spy_from_pretrained["model"])
 
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU}")
-    assert session().loaded_model is first
+    assert session().backend.loaded is first
     assert output_lines(capsys) == ["tiny-qwen2 is already loaded; nothing to do."]
     assert qwen_magic.load(str(tiny_model_path), device="cpu", progress=None) is first
     assert len(spy_from_pretrained["model"]) == model_calls
@@ -202,7 +202,7 @@ def test_different_spec_frees_the_old_model_before_loading_the_new_one(
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", checking)
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU} --dtype bfloat16")
-    new = session().loaded_model
+    new = session().backend.loaded
     assert new is not None and new is not old_loaded()
     assert new.dtype == "bfloat16" and new.spec.dtype == "bfloat16"
     assert output_lines(capsys)[-1] == new.summary()
@@ -215,11 +215,11 @@ def test_different_spec_frees_the_old_model_before_loading_the_new_one(
 def test_reload_ext_keeps_the_loaded_model(shell, kept, tiny_model_path, capsys):
     """%reload_ext qwen_magic keeps the very same loaded model, and %qwen_load still sees it."""
     shell.run_line_magic("reload_ext", "qwen_magic")
-    assert session().loaded_model is kept
-    assert session().loaded_model is kept
+    assert session().backend.loaded is kept
+    assert session().backend.loaded is kept
     capsys.readouterr()
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU}")
-    assert session().loaded_model is kept
+    assert session().backend.loaded is kept
     assert "already loaded" in capsys.readouterr().out
 
 
@@ -460,7 +460,7 @@ def test_out_of_memory_while_loading_releases_and_says_what_to_try(
     assert message.startswith("Out of memory while loading tiny-qwen2 (float16 on auto)")
     assert "the previous model was released" in message
     assert "--dtype bfloat16" in message and "smaller model" in message
-    assert session().loaded_model is None
+    assert session().backend.loaded is None
     gc.collect()
     assert old_model() is None  # really released, even while the error's traceback is alive
     assert info.tb is not None
@@ -502,7 +502,7 @@ def test_other_errors_from_from_pretrained_are_not_disguised(
 
 def test_no_model_yet_says_to_run_qwen_load(fresh_state):
     """Without a model, require_current() says to run %qwen_load and release() is False."""
-    assert session().loaded_model is None
+    assert session().backend.loaded is None
     assert "%qwen_load" in usage_error(session().require_backend)
     assert session().release() is False
 
@@ -510,7 +510,7 @@ def test_no_model_yet_says_to_run_qwen_load(fresh_state):
 def test_release_drops_the_model(kept):
     """release() forgets the kernel's model and reports that there was one."""
     assert session().release() is True
-    assert session().loaded_model is None
+    assert session().backend.loaded is None
 
 
 # -- attention and dtype notices ---------------------------------------------------------------
@@ -521,7 +521,7 @@ def test_flash_attention_on_cpu_falls_back_to_sdpa_with_a_note(
 ):
     """flash_attention_2 without CUDA loads with sdpa and %qwen_load prints one 'Note:' line."""
     shell.run_line_magic("qwen_load", f"{tiny_model_path} {CPU} --attention flash_attention_2")
-    loaded = session().loaded_model
+    loaded = session().backend.loaded
     notice = "flash_attention_2 is unavailable (no CUDA device); using sdpa instead."
     assert loaded.notices == [notice]
     assert loaded.attention == "sdpa" == loaded.model.config._attn_implementation
@@ -576,7 +576,7 @@ def test_device_option_becomes_the_device_map(device, device_map, tiny_model_pat
 def test_json_device_map_loads_on_that_device(shell, tiny_model_path, no_cuda):
     """A JSON --device is passed on as the device_map: '{"": "cpu"}' puts every layer on cpu."""
     shell.run_line_magic("qwen_load", f"""{tiny_model_path} --device '{{"": "cpu"}}'""")
-    loaded = session().loaded_model
+    loaded = session().backend.loaded
     assert loaded.devices == ["cpu"]
     assert loaded.spec.device == '{"": "cpu"}'
 
@@ -642,7 +642,7 @@ def test_config_makes_a_bare_qwen_load_load_that_model(
         shell.run_line_magic("config", "QwenMagics.model = ''")
         shell.run_line_magic("config", "QwenMagics.dtype = 'auto'")
         shell.run_line_magic("config", "QwenMagics.device = 'auto'")
-    loaded = session().loaded_model
+    loaded = session().backend.loaded
     assert loaded.spec == loading.ModelSpec(str(tiny_model_path), dtype="bfloat16", device="cpu")
     assert loaded.dtype == "bfloat16" and loaded.devices == ["cpu"]
     assert capsys.readouterr().out.rstrip().endswith(loaded.summary())
@@ -676,7 +676,7 @@ def test_trust_remote_code_is_off_unless_asked(
         spy_from_pretrained[key].clear()
 
     shell.run_line_magic("qwen_load", f"{tiny_model_path} --trust-remote-code")
-    assert session().loaded_model.spec.trust_remote_code is True
+    assert session().backend.loaded.spec.trust_remote_code is True
     for key in ("config", "tokenizer", "model"):
         assert spy_from_pretrained[key], key
         assert {call.get("trust_remote_code") for call in spy_from_pretrained[key]} == {True}, key

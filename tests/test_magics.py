@@ -212,7 +212,7 @@ def test_conversations_survive_reload_ext(shell, tiny):
     ask(shell, "remember me")
     shell.run_line_magic("reload_ext", "qwen_magic")
     assert [t.user for t in turns()] == ["remember me"]
-    assert session().loaded_model is tiny
+    assert session().backend.loaded is tiny
 
 
 def test_qwen_unload_frees_the_model_and_keeps_the_conversation(shell, tiny_model_path, capsys):
@@ -223,7 +223,7 @@ def test_qwen_unload_frees_the_model_and_keeps_the_conversation(shell, tiny_mode
     load = f"{tiny_model_path} --device cpu --quiet"
     shell.run_line_magic("qwen_load", load)
     ask(shell, "remember me")
-    weights = weakref.ref(session().loaded_model.model)
+    weights = weakref.ref(session().backend.loaded.model)
     shell.run_line_magic("qwen_unload", "")
     gc.collect()
     assert weights() is None, "something still holds the unloaded model"
@@ -265,18 +265,18 @@ def test_fast_reaches_generate_as_a_static_cache(shell, tiny, monkeypatch):
     """--fast (or %config QwenMagics.fast) makes generate decode into a StaticCache."""
     from transformers import StaticCache
 
-    from qwen_magic.backends.kernel.reply import _cache_argument
+    from qwen_magic.backends.kernel.prefill import cache_argument
 
     seen = spy_on_generate(tiny, monkeypatch)
     ask(shell, "hi")
-    assert not isinstance(seen[-1].get(_cache_argument()), StaticCache)
+    assert not isinstance(seen[-1].get(cache_argument()), StaticCache)
     ask(shell, "hi again", f"{FAST} --fast")
-    assert isinstance(seen[-1][_cache_argument()], StaticCache)
+    assert isinstance(seen[-1][cache_argument()], StaticCache)
     assert turns()[-1].options["fast"] is True
     shell.run_line_magic("config", "QwenMagics.fast = True")
     try:
         ask(shell, "and again")
     finally:
         shell.run_line_magic("config", "QwenMagics.fast = False")
-    assert isinstance(seen[-1][_cache_argument()], StaticCache)
+    assert isinstance(seen[-1][cache_argument()], StaticCache)
     assert "--fast" in shell.find_cell_magic("qwen").__doc__

@@ -1,5 +1,5 @@
 """The notebook assistant: the last error, cells and values in prompts, code from replies
-(``qwen_magic/notebook/assistant.py``), and the magics that use them (``%qwen_error``, ``-i``, ``--code``)."""
+(``qwen_magic/notebook/``), and the magics that use them (``%qwen_error``, ``-i``, ``--code``)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import re
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic.notebook import assistant as notebook
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.notebook import code_cells, interpolation, last_error
 from qwen_magic.session import current as session
+from qwen_magic.testing.kernel import kernel
 
 from .helpers import ScriptedBackend
-from .kernel import kernel
 
 FAST = "-n 6 --greedy --view text"
 ANSI = re.compile(r"\x1b\[")
@@ -50,7 +50,7 @@ def scripted(*replies: str) -> ScriptedBackend:
 
 def test_strip_ansi_leaves_plain_text():
     """Colour codes go, the words stay."""
-    assert notebook.strip_ansi("\x1b[31mZeroDivisionError\x1b[39m: division") == (
+    assert last_error.strip_ansi("\x1b[31mZeroDivisionError\x1b[39m: division") == (
         "ZeroDivisionError: division"
     )
 
@@ -62,7 +62,7 @@ def test_last_error_is_the_latest_failing_cell_with_its_source_and_plain_traceba
     first = cells("qm_ratio(1, 0)").execution_count
     cells("qm_fine = 1")
     failing = cells("qm_values = [1, 2]\nqm_values[5]")
-    error = notebook.last_error(shell)
+    error = last_error.last_error(shell)
     assert error is not None and failing.execution_count == error.number > first
     assert error.source == "qm_values = [1, 2]\nqm_values[5]"
     assert (error.ename, error.evalue) == ("IndexError", "list index out of range")
@@ -75,14 +75,14 @@ def test_last_error_is_the_latest_failing_cell_with_its_source_and_plain_traceba
 def test_a_syntax_error_counts_with_its_cell(shell, cells):
     """A cell that does not parse is an error too, with its source."""
     cells("qm_x = (1,")
-    error = notebook.last_error(shell)
+    error = last_error.last_error(shell)
     assert error.ename == "SyntaxError" and error.source == "qm_x = (1,"
 
 
 def test_no_error_yet_is_none(shell, cells):
     """With no failed cell, there is no last error."""
     cells("qm_ok = 1")
-    assert notebook.last_error(shell) is None
+    assert last_error.last_error(shell) is None
 
 
 def test_qwen_magics_own_mistakes_do_not_count_but_ipythons_do(shell, cells, tiny):
@@ -91,10 +91,10 @@ def test_qwen_magics_own_mistakes_do_not_count_but_ipythons_do(shell, cells, tin
     cells("1 / 0")
     cells("%%qwen --bogus\nhi")
     cells("%qwen_history -c nope")
-    error = notebook.last_error(shell, session().magic_errors)
+    error = last_error.last_error(shell, session().magic_errors)
     assert error.ename == "ZeroDivisionError"
     cells("%qm_no_such_magic")
-    assert notebook.last_error(shell, session().magic_errors).ename == "UsageError"
+    assert last_error.last_error(shell, session().magic_errors).ename == "UsageError"
 
 
 def test_failed_cells_are_watched_even_when_the_frontend_does_not_number_them(shell, cells, tiny):
@@ -133,7 +133,7 @@ def test_older_ipython_path_finds_the_cell_from_the_traceback(shell, cells):
     """Without IPython 9's record of errors, the last exception shown (sys.last_value) is used,
     and its cell is found from the traceback's frames."""
     result = cells("def qm_boom():\n    raise ValueError('boom')\nqm_boom()")
-    error = notebook._from_sys(shell, set())
+    error = last_error._from_sys(shell, set())
     assert error.number == result.execution_count
     assert error.source.startswith("def qm_boom")
     assert error.traceback[-1].strip() == "ValueError: boom"
@@ -153,22 +153,22 @@ def test_a_long_traceback_keeps_its_head_and_last_frames_and_says_it_was_trimmed
     """A deep traceback is cut to fit: the cell's frame, the last frames and the error line
     stay, and the prompt says the middle was left out."""
     result = cells(DEEP_CELL)
-    error = notebook.last_error(shell)
+    error = last_error.last_error(shell)
     full = "\n".join(error.traceback)
-    text, left_out = notebook.trim_traceback(error.traceback, 2000)
+    text, left_out = last_error.trim_traceback(error.traceback, 2000)
     assert len(full) > 4000 and len(text) <= 2000
     assert left_out > 30
     assert f"Cell In[{result.execution_count}], line 4" in text.split("\n… ")[0]
     assert text.rstrip().endswith("RuntimeError: bottom")
     assert "frames left out" in text and "qm_f39" in text and "qm_f20" not in text
-    prompt = notebook.error_prompt(error, limit=3000)
+    prompt = last_error.error_prompt(error, limit=3000)
     assert "Traceback (trimmed to fit: the middle is left out)" in prompt
     assert len(prompt) < 3600
 
 
 def test_one_enormous_frame_is_cut_in_the_middle():
     """A traceback too long even with frames left out is cut by characters, head and tail kept."""
-    text, left_out = notebook.trim_traceback(["Header", "x" * 10_000, "ValueError: v"], 1000)
+    text, left_out = last_error.trim_traceback(["Header", "x" * 10_000, "ValueError: v"], 1000)
     assert len(text) <= 1000 and left_out
     assert text.startswith("Header") and text.endswith("ValueError: v")
 
@@ -176,13 +176,13 @@ def test_one_enormous_frame_is_cut_in_the_middle():
 def test_error_prompt_holds_the_cell_the_traceback_and_the_question():
     """The prompt shows the cell as Python, the traceback, then the default question or the
     user's instruction."""
-    error = notebook.CellError(3, "1 / 0", "ZeroDivisionError", "division by zero", ["E: d"])
-    prompt = notebook.error_prompt(error)
+    error = last_error.CellError(3, "1 / 0", "ZeroDivisionError", "division by zero", ["E: d"])
+    prompt = last_error.error_prompt(error)
     assert prompt.startswith("Running cell In[3] of my notebook raised ZeroDivisionError.")
     assert "Cell In[3]:\n```python" in prompt
     assert "```python\n1 / 0\n```" in prompt and "```\nE: d\n```" in prompt
-    assert prompt.endswith(notebook.EXPLAIN_AND_FIX)
-    assert notebook.error_prompt(error, "Only name the error.").endswith("Only name the error.")
+    assert prompt.endswith(last_error.EXPLAIN_AND_FIX)
+    assert last_error.error_prompt(error, "Only name the error.").endswith("Only name the error.")
 
 
 # -- %qwen_error ------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_qwen_error_sends_the_last_error_and_joins_the_conversation(shell, cells
     (turn,) = turns()
     assert f"Running cell In[{number}] of my notebook raised ZeroDivisionError" in turn.user
     assert "qm_total / 0" in turn.user and "ZeroDivisionError: division by zero" in turn.user
-    assert turn.user.endswith(notebook.EXPLAIN_AND_FIX)
+    assert turn.user.endswith(last_error.EXPLAIN_AND_FIX)
     assert not ANSI.search(turn.user)
     assert shell.user_ns["qm_answer"] == turn.assistant
     assert "tokens/s" in capsys.readouterr().out
@@ -264,7 +264,7 @@ NAMESPACE = {
 )
 def test_interpolate_fills_names_cells_and_values(template, expected):
     """$name, ${name} and ${expression} take values (strings as they are); $$ and braces stay."""
-    assert notebook.interpolate(template, NAMESPACE) == expected
+    assert interpolation.interpolate(template, NAMESPACE) == expected
 
 
 def test_interpolate_reads_attributes():
@@ -273,12 +273,12 @@ def test_interpolate_reads_attributes():
     class Frame:
         columns = ("a", "b")
 
-    assert notebook.interpolate("${df.columns}", {"df": Frame()}) == "('a', 'b')"
+    assert interpolation.interpolate("${df.columns}", {"df": Frame()}) == "('a', 'b')"
 
 
 def test_a_long_value_is_cut_with_a_note():
     """A value over the limit is cut, and the prompt says how long it was."""
-    text = notebook.interpolate("${big}", {"big": "y" * 5000})
+    text = interpolation.interpolate("${big}", {"big": "y" * 5000})
     assert text.startswith("y" * 4000) and "y" * 4001 not in text
     assert text.endswith("[… cut: ${big} is 5,000 characters long; only the first 4,000 are shown]")
 
@@ -304,7 +304,7 @@ def test_a_long_value_is_cut_with_a_note():
 def test_interpolation_mistakes_are_one_line_errors_naming_them(template, named):
     """An unknown name, a missing index or a disallowed expression is one line naming it."""
     with pytest.raises(QwenMagicError) as caught:
-        notebook.interpolate(template, NAMESPACE)
+        interpolation.interpolate(template, NAMESPACE)
     message = str(caught.value)
     assert named in message and "\n" not in message
 
@@ -313,7 +313,7 @@ def test_interpolation_never_calls_anything():
     """A property may run (it is an attribute), but no call in the expression is ever made."""
     called = []
     with pytest.raises(QwenMagicError):
-        notebook.interpolate("${f()}", {"f": lambda: called.append(1)})
+        interpolation.interpolate("${f()}", {"f": lambda: called.append(1)})
     assert called == []
 
 
@@ -358,15 +358,15 @@ REPLY_WITH_CODE = (
 )
 def test_code_blocks_are_the_python_fences(reply, blocks):
     """Python, py and bare fences count (also indented, or left open at the end); others not."""
-    assert notebook.code_blocks(reply) == blocks
+    assert code_cells.code_blocks(reply) == blocks
 
 
 def test_python_code_joins_the_blocks_into_one_cell():
     """Several blocks become one cell's source, which parses."""
-    code = notebook.python_code(REPLY_WITH_CODE)
+    code = code_cells.python_code(REPLY_WITH_CODE)
     assert code == "def add(a, b):\n    return a + b\n\nprint(add(1, 2))"
     ast.parse(code)
-    assert notebook.python_code("none") is None
+    assert code_cells.python_code("none") is None
 
 
 def test_code_puts_the_replys_code_in_the_next_input(shell, cells, capsys):
@@ -374,7 +374,7 @@ def test_code_puts_the_replys_code_in_the_next_input(shell, cells, capsys):
     prompt in a terminal), not run, and says so in one line."""
     scripted(REPLY_WITH_CODE)
     shell.run_cell_magic("qwen", "--view text --code -o qm_reply", "Write add.")
-    assert shell.rl_next_input == notebook.python_code(REPLY_WITH_CODE)
+    assert shell.rl_next_input == code_cells.python_code(REPLY_WITH_CODE)
     assert "add" not in shell.user_ns
     out = capsys.readouterr().out
     assert "--code: the reply's code (4 lines) is in the next prompt, not run." in out
@@ -426,7 +426,7 @@ def test_in_a_kernel_the_error_cells_and_code_work(tiny_model_path):
         reply = k.run("%%qwen --code\nWrite add.")
         assert reply["status"] == "ok", reply
         (payload,) = [p for p in reply["payload"] if p["source"] == "set_next_input"]
-        assert payload["text"] == notebook.python_code(REPLY_WITH_CODE)
+        assert payload["text"] == code_cells.python_code(REPLY_WITH_CODE)
         assert payload["replace"] is False
         assert k.value("'add' in globals()") is False
 

@@ -8,10 +8,12 @@ import os
 import pytest
 from IPython.core.error import UsageError
 
-from qwen_magic.storage import history as persistence
 from qwen_magic.conversation import ConversationBook, Turn
 from qwen_magic.session import current as session
-from qwen_magic.storage.history import HistoryStore, book_to_json, read_book, write_atomic
+from qwen_magic.storage import atomic, codec
+from qwen_magic.storage.atomic import write_atomic
+from qwen_magic.storage.codec import book_to_json, read_book
+from qwen_magic.storage.history import HistoryStore
 
 FAST = "-n 5 --greedy --view text"
 
@@ -40,7 +42,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(persistence.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_atomic(target, "new")
     assert target.read_text() == "old"
@@ -62,8 +64,8 @@ def test_round_trip_keeps_every_conversation_and_turn_record(tmp_path):
     [
         ("{not json", "not readable JSON"),
         (json.dumps({"cells": []}), "not a qwen_magic conversation file"),
-        (json.dumps({"format": persistence.FORMAT, "version": 99}), "version 99"),
-        (json.dumps({"format": persistence.FORMAT, "version": 1, "conversations": 3}), "damaged"),
+        (json.dumps({"format": codec.FORMAT, "version": 99}), "version 99"),
+        (json.dumps({"format": codec.FORMAT, "version": 1, "conversations": 3}), "damaged"),
     ],
 )
 def test_corrupt_or_foreign_files_are_refused_and_never_overwritten(tmp_path, content, message):

@@ -12,11 +12,15 @@ import json
 import pytest
 import torch
 
-from qwen_magic.backends.kernel import loading
-from qwen_magic.backends.kernel.quantize import formats as quantize
+import qwen_magic
 from qwen_magic.backends.base import ReplyStats
+from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel.quantize import cache as quantize_cache
+from qwen_magic.backends.kernel.quantize import formats as quantize
+from qwen_magic.conversation import ConversationBook
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 
 from .helpers import install, load_aside, start
 
@@ -97,7 +101,7 @@ def test_second_load_comes_from_the_cache_with_identical_outputs(
     assert any("kept in" in note for note in first.notices)
     folders = [f for f in (scratch_cache / "quantized").iterdir() if f.is_dir()]
     assert [f.name.rsplit("-", 2)[1] for f in folders] == [fmt]
-    manifest = json.loads((folders[0] / quantize.MANIFEST).read_text())
+    manifest = json.loads((folders[0] / quantize_cache.QUANTIZED_MANIFEST).read_text())
     assert manifest["key"]["format"] == fmt and manifest["key"]["torchao"] != "none"
 
     second = load_tiny(tiny_model_path, fmt)
@@ -112,7 +116,7 @@ def test_damaged_cache_is_quantized_again(tiny_model_path, scratch_cache, no_cud
     """A cached weights file whose bytes changed fails the check and is rebuilt, not used."""
     first = load_tiny(tiny_model_path, "int8")
     (folder,) = [f for f in (scratch_cache / "quantized").iterdir() if f.is_dir()]
-    weights = folder / quantize.WEIGHTS_FILE
+    weights = folder / quantize_cache.WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -120,7 +124,9 @@ def test_damaged_cache_is_quantized_again(tiny_model_path, scratch_cache, no_cud
     again = load_tiny(tiny_model_path, "int8")
     assert any("kept in" in note for note in again.notices)
     assert torch.equal(logits(first), logits(again))
-    assert quantize.is_complete(folder, json.loads((folder / quantize.MANIFEST).read_text())["key"])
+    assert quantize_cache.cache_is_valid(
+        folder, json.loads((folder / quantize_cache.QUANTIZED_MANIFEST).read_text())["key"]
+    )
 
 
 def test_a_cache_that_cannot_be_written_still_loads_the_model(
@@ -132,7 +138,7 @@ def test_a_cache_that_cannot_be_written_still_loads_the_model(
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(quantize, "save_quantized", full_disk)
+    monkeypatch.setattr(quantize_cache, "save_quantized", full_disk)
     loaded = load_tiny(tiny_model_path, "int8")
     assert loaded.quantization == "int8"
     assert any("No space left on device" in note for note in loaded.notices)
@@ -141,31 +147,40 @@ def test_a_cache_that_cannot_be_written_still_loads_the_model(
 
 def test_cache_key_follows_source_format_and_versions(tiny_model_path, monkeypatch):
     """The cache key changes with the format, a library version, and the source's files."""
-    key = quantize.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
-    assert key != quantize.cache_key(str(tiny_model_path), None, None, "int4", torch.bfloat16)
-    monkeypatch.setattr(quantize, "_version", lambda name: "0.0-other")
-    assert key != quantize.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
+    key = quantize_cache.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
+    assert key != quantize_cache.cache_key(str(tiny_model_path), None, None, "int4", torch.bfloat16)
+    monkeypatch.setattr(quantize_cache, "_version", lambda name: "0.0-other")
+    assert key != quantize_cache.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
     monkeypatch.undo()
     config = tiny_model_path / "config.json"
     stat = config.stat()
     import os
 
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert key != quantize.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
-    assert quantize.cache_key("Org/never-downloaded", None, None, "int8", torch.bfloat16) is None
+    assert key != quantize_cache.cache_key(str(tiny_model_path), None, None, "int8", torch.bfloat16)
+    assert (
+        quantize_cache.cache_key("Org/never-downloaded", None, None, "int8", torch.bfloat16) is None
+    )
 
 
 def test_replies_footer_names_the_quantization(
     fresh_state, tiny_model_path, scratch_cache, no_cuda
 ):
     """A reply from a quantized model says so in its footer and its saved stats."""
+    from qwen_magic.notebook import report
+
     install(fresh_state, load_tiny(tiny_model_path, "int4"))
     reply = start([{"role": "user", "content": "Hi"}], GenerationOptions(4, do_sample=False))
     reply.run()
-    assert "int4 weights" in reply.stats.footer()
-    assert reply.stats.as_record()["quantization"] == "int4"
+    backend = fresh_state.require_backend()
+    assert backend.info().weights == "int4"
+    assert "int4 weights" in report.footer(reply.stats, backend.info())
+    turn = qwen_magic.Chat(book=ConversationBook()).ask(
+        "Hi", options=GenerationOptions(4, do_sample=False), view=NullView()
+    )
+    assert turn.stats["quantization"] == "int4"
     assert "quantization" not in ReplyStats().as_record()
-    assert "weights" not in ReplyStats(new_tokens=3).footer()
+    assert "weights" not in report.footer(ReplyStats(new_tokens=3))
 
 
 def test_without_torchao_the_error_names_the_extra(kept_tiny, monkeypatch, no_cuda):
@@ -178,17 +193,21 @@ def test_without_torchao_the_error_names_the_extra(kept_tiny, monkeypatch, no_cu
         lambda name, *a: None if name == "torchao" else real(name, *a),
     )
     with pytest.raises(QwenMagicError, match=r"qwen_magic\[quant\]") as raised:
-        kept_tiny.load_model(str(kept_tiny.loaded_model.spec.model), device="cpu", quantize="int8")
+        kept_tiny.load_model(
+            str(kept_tiny.backend.loaded.spec.model), device="cpu", quantize="int8"
+        )
     assert "\n" not in str(raised.value)
-    assert kept_tiny.loaded_model is not None
+    assert kept_tiny.backend.loaded is not None
 
 
 def test_a_format_this_cpu_cannot_run_names_those_it_can(kept_tiny, monkeypatch, no_cuda):
     """A format whose kernel this torch lacks is refused in one line naming the runnable ones."""
     monkeypatch.setattr(quantize, "_has_aten_op", lambda name: "int4" not in name)
     with pytest.raises(QwenMagicError, match=r"cannot run on this CPU.*--quantize none, int8\.$"):
-        kept_tiny.load_model(str(kept_tiny.loaded_model.spec.model), device="cpu", quantize="int4")
-    assert kept_tiny.loaded_model is not None
+        kept_tiny.load_model(
+            str(kept_tiny.backend.loaded.spec.model), device="cpu", quantize="int4"
+        )
+    assert kept_tiny.backend.loaded is not None
 
 
 def test_cuda_int4_needs_mslk(monkeypatch):
@@ -227,12 +246,12 @@ def test_qwen_load_quantize_option_and_config(
     shell.run_line_magic("qwen_load", f"{tiny_model_path} --device cpu --quantize int8")
     summary = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert "int8 weight-only" in summary
-    assert current_session().loaded_model.spec.quantize == "int8"
+    assert current_session().backend.loaded.spec.quantize == "int8"
 
     shell.run_line_magic("config", "QwenMagics.quantize = 'int4'")
     try:
         shell.run_line_magic("qwen_load", f"{tiny_model_path} --device cpu --quiet")
-        assert current_session().loaded_model.quantization == "int4"
+        assert current_session().backend.loaded.quantization == "int4"
         assert "int4 weight-only" in capsys.readouterr().out
     finally:
         shell.run_line_magic("config", "QwenMagics.quantize = 'none'")
@@ -253,7 +272,7 @@ def test_quantized_demo_answers_factual_questions(fresh_state, demo_quantized):
     """Quantized to int8 and to int4, the demo model still answers Paris, then Berlin to the
     follow-up, and 4 to 2 + 2."""
     import qwen_magic
-    from qwen_magic.notebook.views import NullView
+    from qwen_magic.presentation import NullView
 
     install(fresh_state, demo_quantized)
     chat = qwen_magic.Chat()

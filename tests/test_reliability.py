@@ -13,11 +13,10 @@ from transformers import DynamicCache
 
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import ConversationBook
-from qwen_magic.notebook.views import NullView
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 from qwen_magic.session import current as session
-
-from .kernel import kernel
+from qwen_magic.testing.kernel import kernel
 
 SETUP = """
 %load_ext qwen_magic

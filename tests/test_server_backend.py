@@ -25,8 +25,7 @@ import pytest
 from qwen_magic.backends.base import Reply
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
-
-from .serving import ServeProcess, free_port, serve_missing
+from qwen_magic.testing.serving import ServeProcess, free_port, serve_missing
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(name) for name in ("openai", "httpx")),
@@ -751,7 +750,7 @@ def test_the_magics_work_unchanged_over_a_server(shell, served, demo, tmp_path, 
     shell.run_line_magic("qwen_reset", "")
     shell.run_line_magic("qwen_load", f"--server {served.url}")
     assert "Connected to" in capsys.readouterr().out
-    assert current().loaded_model is None  # the kernel's model was released
+    assert current().backend.loaded is None  # the kernel's model was released
     shell.run_cell_magic("qwen", "--greedy -n 24 -o qm_served --view text", question)
     assert shell.user_ns["qm_served"] == shell.user_ns["qm_local"]
     assert "Paris" in shell.user_ns["qm_served"]
@@ -806,13 +805,13 @@ def test_server_mistakes_are_one_line_and_keep_the_model(shell, tiny, line, says
     with pytest.raises(UsageError) as raised:
         shell.run_line_magic("qwen_load", line)
     assert type(raised.value) is UsageError and says in one_line(raised.value)
-    assert current().loaded_model is tiny
+    assert current().backend.loaded is tiny
 
 
 def test_the_api_key_never_reaches_the_history_or_an_export(monkeypatch, tmp_path, fresh_state):
     """With a key set, a chat saved and exported holds no trace of it."""
     import qwen_magic
-    from qwen_magic.notebook.views import NullView
+    from qwen_magic.presentation import NullView
 
     monkeypatch.setenv("QWEN_MAGIC_API_KEY", SECRET)
     server = MockServer(lambda body: streamed(story("Hello", " there.")))
@@ -832,7 +831,7 @@ def test_context_too_long_trims_older_turns_and_asks_once_more(fresh_state):
     """When the server says the prompt is over its (smaller) context, the chat fits the
     conversation to the limit it named and asks again, once; the reply is recorded."""
     import qwen_magic
-    from qwen_magic.notebook.views import NullView
+    from qwen_magic.presentation import NullView
 
     too_long = (
         "This model's maximum context length is 300 tokens. However, you requested 900 tokens."

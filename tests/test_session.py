@@ -12,12 +12,13 @@ from IPython.core.error import UsageError
 
 import qwen_magic
 from qwen_magic import _state
-from qwen_magic.backends.base import Backend, Reply
+from qwen_magic.backends.base import Backend, Reply, TextDelta
 from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.conversation import Turn
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.notebook.views import NullView, TextView, View
+from qwen_magic.notebook.views import TextView, View
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 
 from .helpers import start
 
@@ -41,7 +42,7 @@ def test_the_session_is_one_object_that_survives_reload_ext(shell, tiny):
     shell.run_cell_magic("qwen", "-n 2 --greedy --view text", "Hello")
     shell.run_line_magic("reload_ext", "qwen_magic")
     assert qwen_magic.current_session() is session is _state.session
-    assert session.loaded_model is tiny
+    assert session.backend.loaded is tiny
     assert [turn.user for turn in session.conversations.get().turns] == ["Hello"]
 
 
@@ -90,7 +91,7 @@ def test_the_in_kernel_backend_and_its_replies_follow_the_protocol(tiny):
     assert isinstance(backend, Backend)
     reply = start([{"role": "user", "content": "Hi"}], GREEDY)
     assert isinstance(reply, Reply)
-    pieces = list(reply)
+    pieces = [event.text for event in reply if isinstance(event, TextDelta)]
     assert "".join(pieces) == reply.text and reply.stats.new_tokens >= 1
     assert backend.count_tokens([{"role": "user", "content": "Hi"}]) == reply.stats.prompt_tokens
     assert backend.context_length(GREEDY) == tiny.context_length

@@ -11,8 +11,7 @@ from qwen_magic.chat import STOPPED_NOTE, Chat
 from qwen_magic.notebook.comm_pump import CommPump, ipykernel_supported
 from qwen_magic.notebook.views import TextView, WidgetView, in_widget_frontend, make_view
 from qwen_magic.options import GenerationOptions
-
-from .kernel import kernel
+from qwen_magic.testing.kernel import kernel
 
 
 def test_text_view_writes_only_new_text_and_a_footer():

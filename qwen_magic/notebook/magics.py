@@ -9,194 +9,51 @@ backend, the conversations, the history file) and :class:`~qwen_magic.chat.Chat`
 
 from __future__ import annotations
 
-import functools
 import os
-import re
-import shlex
 from collections.abc import Callable
 from keyword import iskeyword
 from pathlib import Path
 from typing import Any
 
-from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
-from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
 from qwen_magic import session as kernel_session
 from qwen_magic.backends.kernel import loading
 from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
-from qwen_magic.chat import HISTORY_SHOWN, Chat, describe
-from qwen_magic.conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
+from qwen_magic.chat import Chat
+from qwen_magic.conversation import DEFAULT_NAME
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.notebook import assistant as notebook
+from qwen_magic.notebook import arguments, code_cells, interpolation, last_error
+from qwen_magic.notebook.arguments import (
+    current_cell_id,
+    one_line_errors,
+    parse_argstring,
+    split_instruction,
+)
+from qwen_magic.notebook.report import HISTORY_SHOWN, NOTEBOOK, describe_conversation
+from qwen_magic.notebook.settings import MagicsSettings
 from qwen_magic.notebook.views import make_view
-from qwen_magic.options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
-from qwen_magic.storage import history as persistence
+from qwen_magic.storage import export
 
 #: The environment variable naming the server a bare ``%qwen_load`` connects to.
 SERVER_ENV_VAR = "QWEN_MAGIC_SERVER"
 
 
-def one_line_errors(magic: Callable[..., Any]) -> Callable[..., Any]:
-    """Show the project's mistakes as IPython shows its own: one ``UsageError`` line.
-
-    IPython hides the traceback only for ``UsageError`` itself, not for subclasses such as
-    :class:`~qwen_magic.errors.QwenMagicError`, so each magic re-raises them as the base class.
-    Such a mistake, or an interrupted reply, is noted so ``%qwen_error`` passes over it.
-    """
-
-    @functools.wraps(magic)
-    def reporting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return magic(self, *args, **kwargs)
-        except QwenMagicError as error:
-            shown = notebook.mark_own_error(UsageError(str(error)))
-            notebook.note_magic_error(self.shell, shown, self.session.magic_errors)
-            raise shown from error
-        except (UsageError, KeyboardInterrupt) as error:  # a bad option; an interrupted reply
-            notebook.mark_own_error(error)
-            notebook.note_magic_error(self.shell, error, self.session.magic_errors)
-            raise
-
-    return reporting
-
-
-def current_cell_id(shell: Any) -> str | None:
-    """The id JupyterLab sends with the running cell; None where the frontend sends none."""
-    kernel = getattr(shell, "kernel", None)
-    try:
-        parent = kernel.get_parent() if kernel is not None else None
-    except Exception:  # older ipykernel, or no request in flight
-        return None
-    metadata = (parent or {}).get("metadata") or {}
-    cell_id = metadata.get("cellId")
-    return str(cell_id) if cell_id else None
-
-
-def parse_argstring(magic: Any, line: str) -> Any:
-    """Parse a magic's line like a shell would: quotes group words and are removed."""
-    try:
-        argv = shlex.split(line)
-    except ValueError as error:
-        raise QwenMagicError(f"Could not read the options ({error}); check the quotes.") from error
-    return magic.parser.parse_args(argv)
-
-
-def split_instruction(magic: Any, line: str) -> tuple[Any, str]:
-    """Parse the options at the start of ``line``; the words after them are a free-text
-    instruction, taken as written (an apostrophe in "don't" is no unclosed quote)."""
-    takes_value = {
-        option
-        for action in magic.parser._actions
-        if action.option_strings and action.nargs != 0
-        for option in action.option_strings
-    }
-    position, expect_value = 0, False
-    for match in re.finditer(r"""\s*("[^"]*"|'[^']*'|\S+)""", line):
-        token = match.group(1)
-        if expect_value:
-            expect_value = False
-        elif token == "--":
-            return parse_argstring(magic, line[: match.start()]), line[match.end() :].strip()
-        elif token.startswith("-"):
-            expect_value = token in takes_value
-        else:
-            break
-        position = match.end()
-    return parse_argstring(magic, line[:position]), line[position:].strip()
-
-
-# Options %%qwen and %qwen_error share (an argument decorator only records its arguments).
-_MAX_NEW_TOKENS = argument(
-    "-n", "--max-new-tokens", type=int, default=None, help="Reply length cap (512)."
-)
-_GREEDY = argument("--greedy", action="store_true", help="Always take the likeliest token.")
-_SAMPLE = argument("--sample", action="store_true", help="Sample (with the model's settings).")
-_TEMPERATURE = argument(
-    "-t", "--temperature", type=float, default=None, help="Sampling temperature."
-)
-_SEED = argument("--seed", type=int, default=None, help="Random seed, for a repeatable sample.")
-_CONVERSATION = argument(
-    "-c", "--conversation", default=DEFAULT_NAME, help="Conversation name (default)."
-)
-_NEW = argument("--new", action="store_true", help="Start the conversation afresh.")
-_OUT = argument("-o", "--out", default=None, help="Store the reply text in this variable.")
-_CODE = argument(
-    "-x",
-    "--code",
-    action="store_true",
-    help="Put the reply's Python code blocks into a new cell below (not run).",
-)
-_VIEW = argument(
-    "--view", choices=("auto", "widget", "text"), default=None, help="Where to stream."
-)
-
-
 @magics_class
-class QwenMagics(Magics):
+class QwenMagics(MagicsSettings):
     """``%qwen_load``, ``%%qwen`` and the conversation helpers."""
-
-    model = Unicode(
-        "",
-        help="Model %qwen_load uses when none is given (empty: $QWEN_MAGIC_MODEL, else "
-        "Qwen/Qwen2-7B-Instruct with CUDA, else the offline demo).",
-    ).tag(config=True)
-    server = Unicode(
-        "",
-        help="OpenAI-compatible server a bare %qwen_load connects to (empty: "
-        "$QWEN_MAGIC_SERVER, else load a model in the kernel).",
-    ).tag(config=True)
-    dtype = Enum(loading.DTYPES, "auto", help="Default --dtype for %qwen_load.").tag(config=True)
-    device = Unicode("auto", help="Default --device for %qwen_load.").tag(config=True)
-    attention = Enum(loading.ATTENTIONS, "auto", help="Default --attention.").tag(config=True)
-    quantize = Enum(
-        loading.QUANTIZE_FORMATS,
-        "none",
-        help="Default --quantize for %qwen_load: none, int8 or int4 weight-only (torchao).",
-    ).tag(config=True)
-    max_new_tokens = CInt(512, help="Default --max-new-tokens for %%qwen.").tag(config=True)
-    temperature = CFloat(None, allow_none=True, help="Default --temperature.").tag(config=True)
-    top_p = CFloat(None, allow_none=True, help="Default --top-p.").tag(config=True)
-    top_k = CInt(None, allow_none=True, help="Default --top-k.").tag(config=True)
-    repetition_penalty = CFloat(None, allow_none=True, help="Default --repetition-penalty.").tag(
-        config=True
-    )
-    greedy = Bool(None, allow_none=True, help="True: greedy; False: sample; None: model's.").tag(
-        config=True
-    )
-    system_prompt = Unicode(DEFAULT_SYSTEM_PROMPT, help="System prompt of new conversations.").tag(
-        config=True
-    )
-    view = Enum(("auto", "widget", "text"), "auto", help="Where replies stream.").tag(config=True)
-    history_file = Unicode(
-        "",
-        help="Where to save conversations after each turn; empty: beside the notebook "
-        "(NAME.qwen.json) when the frontend names it, else nowhere.",
-    ).tag(config=True)
-    autosave = Bool(True, help="Save conversations after every turn.").tag(config=True)
-    reuse_cache = Bool(
-        True, help="Keep each conversation's KV cache so a follow-up prefills only new tokens."
-    ).tag(config=True)
-    fast = Bool(
-        False,
-        help="Fast mode for every %%qwen cell (as --fast): a static KV cache, and the decoding "
-        "step compiled with torch.compile on CUDA.",
-    ).tag(config=True)
-    fast_cache_tokens = CInt(
-        DEFAULT_FAST_CACHE_TOKENS,
-        help="Fast mode's static cache size in tokens (prompt + reply), at most the model's "
-        "context; allocated once per model, so changing it recompiles.",
-    ).tag(config=True)
-    redraw_seconds = CFloat(
-        0.15, help="Least time between two redraws of a streaming reply in the notebook."
-    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.chat = Chat()
-        notebook.ErrorWatcher.install(self.shell)  # for %qwen_error
+        self.chat = Chat(presentation=NOTEBOOK)
         self._attach_history()
+
+    @property
+    def user_namespace(self) -> dict[str, Any]:
+        """The notebook's variables."""
+        assert self.shell is not None, "the magics run in an IPython shell"
+        return self.shell.user_ns
 
     @property
     def session(self) -> kernel_session.Session:
@@ -293,7 +150,8 @@ class QwenMagics(Magics):
             )
         import_heavy_modules()  # default_model_name() imports torch: a Ctrl-C waits for it
         model = args.model or self.model or None
-        if model is None and self.session.loaded_model is None:
+        backend = self.session.backend
+        if model is None and (backend is None or backend.info().kind != "kernel"):
             say(
                 f"No model named: using {loading.default_model_name()} "
                 f"({loading.default_model_reason()})."
@@ -356,12 +214,11 @@ class QwenMagics(Magics):
         if backend is None:
             print("No model is loaded; nothing to free.")
             return
-        from qwen_magic.server_backend import ServerBackend
-
-        if isinstance(backend, ServerBackend):
-            done = f"Disconnected from {backend.name} at {backend.base_url}"
+        info = backend.info()
+        if info.kind == "server":
+            done = f"Disconnected from {info.name} at {info.location}"
         else:
-            done = f"Unloaded {backend.name}"
+            done = f"Unloaded {info.name}"
         del backend  # the session's reference must be the last one, so the memory can go
         self.session.release()
         print(f"{done}; the conversations stay. Run %qwen_load to chat again.")
@@ -370,17 +227,17 @@ class QwenMagics(Magics):
 
     @magic_arguments()
     @argument_group("The reply")
-    @_MAX_NEW_TOKENS
-    @_GREEDY
-    @_SAMPLE
-    @_TEMPERATURE
+    @arguments.MAX_NEW_TOKENS
+    @arguments.GREEDY
+    @arguments.SAMPLE
+    @arguments.TEMPERATURE
     @argument("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1].")
     @argument("--top-k", type=int, default=None, help="Sample from the k likeliest tokens.")
     @argument("--repetition-penalty", type=float, default=None, help="Above 1 discourages repeats.")
-    @_SEED
+    @arguments.SEED
     @argument_group("The conversation")
-    @_CONVERSATION
-    @_NEW
+    @arguments.CONVERSATION
+    @arguments.NEW
     @argument("-s", "--system", default=None, help="System prompt for this turn only.")
     @argument("--set-system", default=None, help="Set the conversation's system prompt.")
     @argument_group("The message and the result")
@@ -392,9 +249,9 @@ class QwenMagics(Magics):
         "indexes: ${In[3]}, ${Out[3]}, ${_}, ${df.columns}) with their values; $$ is a $; "
         "braces {} stay as written.",
     )
-    @_OUT
-    @_CODE
-    @_VIEW
+    @arguments.OUT
+    @arguments.CODE
+    @arguments.VIEW
     @argument_group("Speed")
     @argument(
         "--fast",
@@ -411,7 +268,7 @@ class QwenMagics(Magics):
         if not message:
             raise QwenMagicError("The cell is empty; write your message below %%qwen.")
         if args.interpolate:
-            message = notebook.interpolate(message, self.shell.user_ns)
+            message = interpolation.interpolate(message, self.user_namespace)
         self._reply(args, message)
 
     def _reply(self, args: Any, message: str) -> None:
@@ -446,26 +303,9 @@ class QwenMagics(Magics):
         finally:  # an interrupted turn is recorded too
             self._changed()
         if args.out:
-            self.shell.user_ns[args.out] = turn.assistant
+            self.user_namespace[args.out] = turn.assistant
         if args.code:
-            print(notebook.offer_code(self.shell, turn.assistant))
-
-    def _options(self, args: Any, greedy: bool | None) -> GenerationOptions:
-        def pick(name: str, default: Any) -> Any:
-            value = getattr(args, name, None)  # %qwen_error has fewer options than %%qwen
-            return default if value is None else value
-
-        return GenerationOptions(
-            max_new_tokens=pick("max_new_tokens", self.max_new_tokens),
-            do_sample=None if greedy is None else not greedy,
-            temperature=pick("temperature", self.temperature),
-            top_p=pick("top_p", self.top_p),
-            top_k=pick("top_k", self.top_k),
-            repetition_penalty=pick("repetition_penalty", self.repetition_penalty),
-            seed=getattr(args, "seed", None),
-            fast=getattr(args, "fast", False) or self.fast,
-            fast_cache_tokens=self.fast_cache_tokens,
-        )
+            print(code_cells.offer_code(self.shell, turn.assistant))
 
     @magic_arguments()
     @argument(
@@ -474,17 +314,17 @@ class QwenMagics(Magics):
         help="What to ask about the error (default: explain it and correct the cell).",
     )
     @argument_group("The reply")
-    @_MAX_NEW_TOKENS
-    @_GREEDY
-    @_SAMPLE
-    @_TEMPERATURE
-    @_SEED
+    @arguments.MAX_NEW_TOKENS
+    @arguments.GREEDY
+    @arguments.SAMPLE
+    @arguments.TEMPERATURE
+    @arguments.SEED
     @argument_group("The conversation and the result")
-    @_CONVERSATION
-    @_NEW
-    @_OUT
-    @_CODE
-    @_VIEW
+    @arguments.CONVERSATION
+    @arguments.NEW
+    @arguments.OUT
+    @arguments.CODE
+    @arguments.VIEW
     @line_magic
     @one_line_errors
     def qwen_error(self, line: str = "") -> None:
@@ -494,15 +334,15 @@ class QwenMagics(Magics):
         count."""
         args, instruction = split_instruction(self.qwen_error, line)
         session = self.session
-        error = notebook.last_error(self.shell, session.magic_errors, session.last_cell_error)
+        error = last_error.last_error(self.shell, session.magic_errors, session.last_cell_error)
         if error is None:
             print("No error to send yet: no cell has raised one since the kernel started.")
             return
         options = self._options(args, None)
         backend = self.session.require_backend()
         room = backend.context_length(options) - options.max_new_tokens
-        limit = min(notebook.ERROR_LIMIT, max(room * 2, 800))  # ~2 characters a token at worst
-        self._reply(args, notebook.error_prompt(error, instruction, limit))
+        limit = min(last_error.ERROR_LIMIT, max(room * 2, 800))  # ~2 characters a token at worst
+        self._reply(args, last_error.error_prompt(error, instruction, limit))
 
     # -- the conversation ----------------------------------------------------------------
 
@@ -517,7 +357,9 @@ class QwenMagics(Magics):
         conversation = self.chat.conversation(args.conversation, create=False)
         backend = self.session.backend
         counter = backend.count_tokens if backend is not None else None
-        print(describe(conversation, counter, last=None if args.all else HISTORY_SHOWN))
+        print(
+            describe_conversation(conversation, counter, last=None if args.all else HISTORY_SHOWN)
+        )
 
     @magic_arguments()
     @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
@@ -595,4 +437,4 @@ class QwenMagics(Magics):
         conversation = self.chat.conversation(args.conversation, create=False)
         what = f"{len(conversation)} turns of {conversation.name!r}"
         text = conversation.to_markdown()
-        print(persistence.export_markdown(Path(args.file), text, force=args.force, what=what))
+        print(export.export_markdown(Path(args.file), text, force=args.force, what=what))

@@ -16,10 +16,10 @@ thread whenever the view is updated or waits.
 :class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives;
 :class:`NullView` shows nothing (scripts, benchmarks, tests about turns rather than display).
 
-Every view is a :class:`View`, the explicit protocol the chat layer uses, in the manner of
-transformers' ``BaseStreamer``: :meth:`View.start` once the reply begins (a view may hook its Stop
-button to ``reply.cancel`` and its waiting to ``reply.on_wait``), :meth:`View.update` with the
-text so far, :meth:`View.finish` with the final text and the footer.
+Every view is a :class:`~qwen_magic.presentation.View`, the protocol the chat layer uses, in the
+manner of transformers' ``BaseStreamer``: ``start`` once the reply begins (the widget hooks its
+Stop button to ``reply.cancel``), ``update`` with the text so far, ``wait`` while nothing comes
+(the widget handles clicks then), ``finish`` with the final text and the footer.
 
 :func:`make_view` picks one: ``"auto"`` means the widget where a Jupyter kernel with ipywidgets
 runs, text elsewhere.
@@ -34,27 +34,11 @@ from typing import Any
 
 from qwen_magic.backends.base import Reply
 from qwen_magic.notebook.comm_pump import CommPump
+from qwen_magic.presentation import View
 
 CURSOR = " ▌"
 #: Waiting this long for the first token (a long prompt; --fast compiling) shows a counter.
 WAIT_NOTICE_SECONDS = 1.0
-
-
-class View:
-    """Where a reply is shown: started once, updated with the text so far, finished once."""
-
-    def start(self, reply: Reply) -> None:
-        """The reply begins; hook controls to it here (e.g. a Stop button to ``reply.cancel``)."""
-
-    def update(self, text: str) -> None:
-        """Show ``text``, the whole reply so far."""
-
-    def finish(self, text: str, footer: str) -> None:
-        """Show the final ``text`` and a one-line ``footer``."""
-
-
-class NullView(View):
-    """Shows nothing."""
 
 
 class TextView(View):
@@ -88,7 +72,7 @@ class WidgetView(View):
         self.redraws = 0
         self.stopped = False
         self._last_redraw = 0.0
-        self._shown = None
+        self._shown: str | None = None
         self._has_text = False
         self._started = time.perf_counter()
         self._on_stop: Callable[[], None] | None = None
@@ -114,9 +98,12 @@ class WidgetView(View):
         display(bundle, raw=True)
 
     def start(self, reply: Reply) -> None:
-        """The Stop button cancels ``reply``; its waits handle clicks and count the seconds."""
+        """The Stop button cancels ``reply``."""
         self.on_stop(reply.cancel)
-        reply.on_wait = self.poll
+
+    def wait(self) -> None:
+        """While tokens are awaited: handle clicks and count the seconds."""
+        self.poll()
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (e.g. ``Reply.cancel``) when the Stop button is clicked."""

@@ -8,21 +8,6 @@ automatically, and ``%qwen_save FILE`` / ``%qwen_restore FILE`` work by hand. Th
 :class:`~qwen_magic.session.Session` attaches a :class:`HistoryStore` and saves through it; this
 module knows files and JSON, not kernels.
 
-**Writing** (:func:`write_atomic`, for every file qwen_magic writes). The text goes to a temporary
-file in the same folder, flushed, then ``os.replace`` puts it in place, so a crash leaves either
-the old file or the new one. The new file keeps the old one's permission bits (and, where
-allowed, its owner); a file that did not exist gets ``0666`` less the user's umask, as an editor
-would make it (not ``mkstemp``'s private ``0600``). A path that is a symbolic link is written
-*through*: the file it points to is replaced and the link stays a link, so a history kept in a
-synced folder and linked beside the notebook keeps working.
-
-**Where files go** (:func:`save_book`, :func:`export_markdown`). A path that is a folder is
-refused with a file name to use instead. A missing folder one level deep is created, and the
-message says so; deeper missing folders are refused, naming the first one missing (a typo is
-likelier than a wish for a new tree). Operating-system errors become one line saying the fix.
-``%qwen_export`` writes Markdown whose first line is :data:`EXPORT_MARK`; it overwrites a file
-that starts with that mark (one of its own exports) or is empty, any other only with ``--force``.
-
 **Refusing what is not ours** (:func:`read_book`). A file that is not a qwen_magic conversation
 file (corrupt or half-written JSON, another program's data, a newer format, a field of the wrong
 type, more than :data:`MAX_BYTES`) is refused with one line and never overwritten. Autosave
@@ -52,12 +37,7 @@ one, is written back by the other.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +45,19 @@ from qwen_magic.conversation import (
     Conversation,
     ConversationBook,
     Turn,
-    conversation_problem,
-    json_type,
 )
 from qwen_magic.errors import QwenMagicError
-
-FORMAT = "qwen_magic.conversations"
-VERSION = 1
-SUFFIX = ".qwen.json"
-#: A history file larger than this is refused rather than read into memory.
-MAX_BYTES = 256 * 1024 * 1024
-#: The first line of every ``%qwen_export`` file: an HTML comment, invisible once rendered.
-EXPORT_MARK = "<!-- qwen_magic export -->"
-#: Seconds a save waits for another kernel's lock on the history file before giving up this time.
-LOCK_TIMEOUT = 10.0
+from qwen_magic.storage.atomic import (
+    LOCK_TIMEOUT,
+    os_error_reason,
+    prepare_folder,
+    refuse_folder,
+    resolve_target,
+    same_file,
+    write_atomic,
+    write_failure,
+)
+from qwen_magic.storage.codec import SUFFIX, book_to_json, read_book, summary
 
 
 def notebook_path(shell: Any = None) -> Path | None:
@@ -96,129 +75,10 @@ def history_path_for(notebook: Path) -> Path:
     return notebook.with_name(notebook.name.removesuffix(".ipynb") + SUFFIX)
 
 
-def book_to_json(book: ConversationBook) -> str:
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "conversations": {name: chat.to_dict() for name, chat in book.conversations.items()},
-    }
-    return json.dumps(payload, ensure_ascii=False, indent=1)
-
-
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_book(path: Path) -> ConversationBook:
-    """Read a conversation file; a one-line ``QwenMagicError`` if it is missing, unreadable,
-    corrupt, foreign, too large or has a field of the wrong type. The file is never changed.
-    """
-    path = Path(path)
-    untouched = "it was left untouched"
-    try:
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > MAX_BYTES:
-                raise QwenMagicError(
-                    f"{path} is {size / 2**20:.0f} MB, more than the {MAX_BYTES // 2**20} MB "
-                    f"qwen_magic reads; {untouched}. Move it aside, or save to another file "
-                    "with %qwen_save FILE."
-                )
-            raw = handle.read()
-    except FileNotFoundError as error:
-        raise QwenMagicError(f"No conversation file at {path}.") from error
-    except IsADirectoryError as error:
-        raise QwenMagicError(
-            f"{path} is a folder, not a conversation file; give a file, e.g. "
-            f"{path / ('chat' + SUFFIX)}."
-        ) from error
-    except OSError as error:
-        raise QwenMagicError(
-            f"Cannot read {path} ({_reason(error)}); {untouched}. Make it readable, or move it "
-            "aside to start a new history for this notebook."
-        ) from error
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise QwenMagicError(
-            f"{path} is not readable JSON (cut short or damaged: {error}); {untouched}. Move it "
-            "aside to start a new history for this notebook."
-        ) from error
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise QwenMagicError(
-            f"{path} is not a qwen_magic conversation file; {untouched}. Move it "
-            "aside, or save to another file with %qwen_save FILE."
-        )
-    if data.get("version") != VERSION:
-        raise QwenMagicError(
-            f"{path} has format version {data.get('version')!r}, this qwen_magic reads "
-            f"version {VERSION}; upgrade qwen_magic or move the file aside."
-        )
-    if (problem := _book_problem(data)) is not None:
-        raise QwenMagicError(f"{path} is damaged ({problem}); {untouched}. Fix or move it aside.")
-    book = ConversationBook()
-    for name, chat in data["conversations"].items():
-        book.conversations[name] = Conversation.from_dict(chat, key=name)
-    return book
-
-
-def _book_problem(data: dict[str, Any]) -> str | None:
-    """Why a history file's payload cannot be loaded, naming the entry; None when it can."""
-    conversations = data.get("conversations")
-    if not isinstance(conversations, dict):
-        return f"'conversations' must be an object, not {json_type(conversations)}"
-    seen: dict[str, str] = {}
-    for name, chat in conversations.items():
-        if (problem := conversation_problem(chat, name)) is not None:
-            return problem
-        for number, turn in enumerate(chat["turns"], start=1):
-            turn_id = turn.get("turn_id")
-            if turn_id is None:
-                continue
-            if turn_id in seen and seen[turn_id] != name:
-                return (
-                    f"conversation {name!r}, turn {number}: 'turn_id' repeats one of "
-                    f"conversation {seen[turn_id]!r}"
-                )
-            seen[turn_id] = name
-    return None
-
-
 # -- writing ------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one.
-
-    Keeps an existing file's permission bits (a new file: ``0666`` less the umask) and writes
-    through a symbolic link to the file it names. The folder must exist. Raises ``OSError``;
-    then the old file is intact and no temporary file is left.
-    """
-    target = _target(Path(path))
-    try:
-        old = os.stat(target)
-    except FileNotFoundError:
-        old = None
-    if old is not None and stat.S_ISDIR(old.st_mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
-    mode = stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask()
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)
-        if old is not None and hasattr(os, "chown"):
-            # Root saving a user's file must not hand it to root; elsewhere this is a no-op.
-            with contextlib.suppress(OSError):
-                os.chown(temporary, old.st_uid, old.st_gid)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _sync_folder(target.parent)
 
 
 def save_book(path: Path, book: ConversationBook, *, store: HistoryStore | None = None) -> str:
@@ -230,141 +90,18 @@ def save_book(path: Path, book: ConversationBook, *, store: HistoryStore | None 
     ``QwenMagicError``.
     """
     path = Path(path).expanduser()
-    if store is not None and _same_file(path, store.path):
+    if store is not None and same_file(path, store.path):
         return store.save_now(book)
-    target = _target(path)
-    _refuse_folder(path, target)
+    target = resolve_target(path)
+    refuse_folder(path, target, "chat" + SUFFIX)
     if target.exists():
         read_book(target)  # refuses, untouched, a file that is not ours
-    created = _prepare_folder(target)
+    created = prepare_folder(target)
     try:
         write_atomic(target, book_to_json(book))
     except OSError as error:
-        raise QwenMagicError(_write_failure(path, error)) from error
+        raise QwenMagicError(write_failure(path, error)) from error
     return f"Saved {summary(book)} to {path}{created}."
-
-
-def export_markdown(path: Path, text: str, *, force: bool = False, what: str = "") -> str:
-    """``%qwen_export``: write ``text`` as Markdown marked as an export; returns the line to show.
-
-    An existing file is overwritten only when it is one of qwen_magic's exports (its first line
-    is :data:`EXPORT_MARK`), is empty, or ``force`` is set. ``what`` names the content in the
-    message.
-    """
-    path = Path(path).expanduser()
-    target = _target(path)
-    _refuse_folder(path, target, example="chat.md")
-    if target.exists() and not force and not is_export(target) and target.stat().st_size:
-        raise QwenMagicError(
-            f"{path} exists and is not a qwen_magic export; choose another file name, or add "
-            "--force to overwrite it."
-        )
-    created = _prepare_folder(target)
-    try:
-        write_atomic(target, f"{EXPORT_MARK}\n{text}")
-    except OSError as error:
-        raise QwenMagicError(_write_failure(path, error)) from error
-    return f"Wrote {what or 'the conversation'} to {path}{created}."
-
-
-def is_export(path: Path) -> bool:
-    """Whether ``path`` starts with :data:`EXPORT_MARK` (a file ``%qwen_export`` wrote)."""
-    mark = EXPORT_MARK.encode()
-    try:
-        with Path(path).open("rb") as handle:
-            head = handle.read(len(mark) + 2)
-    except OSError:
-        return False
-    return head.startswith(mark) and head[len(mark) : len(mark) + 1] in (b"\n", b"\r", b"")
-
-
-def _target(path: Path) -> Path:
-    """The file a write to ``path`` replaces: the final target of a symbolic link, else ``path``."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
-def _same_file(one: Path, other: Path) -> bool:
-    return os.path.realpath(one) == os.path.realpath(other)
-
-
-def _refuse_folder(path: Path, target: Path, example: str = "chat" + SUFFIX) -> None:
-    if target.is_dir():
-        raise QwenMagicError(f"{path} is a folder; give a file name, e.g. {path / example}.")
-
-
-def _prepare_folder(target: Path) -> str:
-    """Make sure ``target``'s folder exists, creating one missing level; a note when it did."""
-    folder = target.parent
-    if folder.is_dir():
-        return ""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise QwenMagicError(f"{existing} is a file, not a folder; check the path {target}.")
-    if existing != folder.parent:
-        missing = next(p for p in [folder, *folder.parents] if p.parent == existing)
-        raise QwenMagicError(
-            f"The folder {missing} does not exist; check the path, or create it first "
-            f"(e.g. !mkdir -p {folder})."
-        )
-    try:
-        folder.mkdir()
-    except OSError as error:
-        raise QwenMagicError(
-            f"Could not create the folder {folder} ({_reason(error)}); choose another place."
-        ) from error
-    return f" (created the folder {folder})"
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless to skip where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where the system allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and put back (the only portable way to read it)
-    os.umask(mask)
-    return mask
-
-
-def _reason(error: OSError) -> str:
-    """An operating-system error as a short cause a user can act on."""
-    from filelock import Timeout
-
-    if isinstance(error, Timeout):
-        return f"another kernel held its lock for more than {LOCK_TIMEOUT:.0f} s"
-    reasons = {
-        errno.EACCES: "permission denied: it or its folder is read-only for you",
-        errno.EPERM: "not permitted: the file or its folder is locked (immutable) or not yours",
-        errno.EROFS: "the file system is mounted read-only",
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "your disk quota is used up",
-        errno.ENAMETOOLONG: "the file name is too long",
-        errno.ELOOP: "its symbolic links loop",
-        errno.ENOTDIR: "part of the path is a file, not a folder",
-    }
-    return reasons.get(error.errno or 0) or error.strerror or str(error)
-
-
-def _write_failure(path: Path, error: OSError) -> str:
-    return f"Could not write {path} ({_reason(error)}); nothing was changed. Choose another place."
 
 
 # -- the notebook's history file ----------------------------------------------------------------
@@ -471,7 +208,7 @@ class HistoryStore:
         Returns one line to show, or None: why saving stopped (once), that it works again
         (once), or that other kernels' turns were kept.
         """
-        if self.refused and _signature(_target(self.path)) == self._refused_signature:
+        if self.refused and _signature(resolve_target(self.path)) == self._refused_signature:
             return None  # the refused file is still there, unchanged
         was_stopped = self.refused is not None or self.failing is not None
         try:
@@ -482,7 +219,9 @@ class HistoryStore:
             return f"Not saving conversations: {error}" if first else None
         except (OSError, QwenMagicError) as error:
             first = self.failing is None
-            reason = _reason(error) if isinstance(error, OSError) else str(error).rstrip(".")
+            reason = (
+                os_error_reason(error) if isinstance(error, OSError) else str(error).rstrip(".")
+            )
             self.failing = (
                 f"Could not save conversations to {self.path} ({reason}); they are kept in "
                 "this kernel, and saving resumes by itself once the file can be written."
@@ -501,21 +240,21 @@ class HistoryStore:
             self._refuse(str(error))
             raise QwenMagicError(str(error)) from error
         except OSError as error:
-            raise QwenMagicError(_write_failure(self.path, error)) from error
+            raise QwenMagicError(write_failure(self.path, error)) from error
         self.refused = self.failing = None
         return " ".join([f"Saved {summary(book)} to {self.path}.", *notes])
 
     def _refuse(self, message: str) -> None:
         self.refused = message
-        self._refused_signature = _signature(_target(self.path))
+        self._refused_signature = _signature(resolve_target(self.path))
 
     def _write(self, book: ConversationBook) -> list[str]:
         """Lock, re-read, merge, write; returns notes. Raises _Refused, QwenMagicError, OSError."""
         from filelock import FileLock
 
-        target = _target(self.path)
-        _refuse_folder(self.path, target)
-        notes = [created.strip(" ()") + "."] if (created := _prepare_folder(target)) else []
+        target = resolve_target(self.path)
+        refuse_folder(self.path, target, "chat" + SUFFIX)
+        notes = [created.strip(" ()") + "."] if (created := prepare_folder(target)) else []
         for chat in book.conversations.values():
             self._known.update(chat.held_ids, (turn.turn_id for turn in chat.turns))
         self._known_names.update(book.conversations)
@@ -541,10 +280,3 @@ class HistoryStore:
                 f"{self.path} (they stay in the file; %qwen_restore loads them here)."
             )
         return notes
-
-
-def summary(book: ConversationBook) -> str:
-    """'3 turns in 2 conversations' style text."""
-    turns = sum(len(chat) for chat in book.conversations.values())
-    count = len(book.conversations)
-    return f"{turns} turn{'s' * (turns != 1)} in {count} conversation{'s' * (count != 1)}"

@@ -9,18 +9,23 @@ It wraps a :class:`~qwen_magic.backends.kernel.loading.LoadedModel` (weights and
   the context a conversation is fitted into;
 * the prompt encoder, which renders a turn's prompt once for fitting and generating.
 
-Replies are :class:`~qwen_magic.backends.kernel.reply.Generation` objects. Closing the backend drops the
+Replies are :class:`~qwen_magic.backends.kernel.reply.KernelReply` objects. Closing the backend drops the
 model and its caches and frees their memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
 
+from qwen_magic.backends.base import BackendInfo, Notice
+from qwen_magic.backends.kernel import loading
 from qwen_magic.backends.kernel.caches import PromptCache, StaticCacheSlot
+from qwen_magic.backends.kernel.devices import free_memory
 from qwen_magic.backends.kernel.encoding import Messages, PromptEncoder
-from qwen_magic.backends.kernel.loading import LoadedModel, free_memory
-from qwen_magic.backends.kernel.reply import Generation
+from qwen_magic.backends.kernel.loading import LoadedModel
+from qwen_magic.backends.kernel.reply import KernelReply
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
@@ -54,29 +59,29 @@ class KernelBackend:
             return min(self.model.context_length, options.fast_cache_tokens)
         return self.model.context_length
 
-    def context_advice(self, options: GenerationOptions) -> str:
+    def info(self) -> BackendInfo:
+        model = self.model
+        weights = model.quantization if model.quantization != "none" else ""
+        return BackendInfo("kernel", self.name, "+".join(model.devices), weights)
+
+    def context_advice(self, options: GenerationOptions) -> list[Notice]:
         size = self.context_length(options)
         if not options.fast or size == self.model.context_length:
-            return ""
-        return (
-            f"--fast holds {size} tokens in its static cache; raise "
-            "QwenMagics.fast_cache_tokens or leave out --fast."
-        )
+            return []
+        return [Notice("fast_cache_size", {"tokens": size})]
 
     def count_tokens(self, messages: Messages) -> int:
         return self.encoder.count(messages)
 
-    def notices(self, options: GenerationOptions) -> list[str]:
-        lines = []
+    def notices(self, options: GenerationOptions) -> list[Notice]:
+        notices = []
         model = self.model
         if not getattr(model.tokenizer, "chat_template", None) and not self._warned_no_template:
             self._warned_no_template = True
-            lines.append(
-                f"Note: {model.name} has no chat template; using a plain 'User:/Assistant:' prompt."
-            )
+            notices.append(Notice("no_chat_template", {"model": model.name}))
         if options.fast and not self._fast_slot(options).replies:  # once per static cache
-            lines.append(fast_mode_note(model))
-        return lines
+            notices.append(fast_mode_notice(model))
+        return notices
 
     def start(
         self,
@@ -84,7 +89,7 @@ class KernelBackend:
         options: GenerationOptions,
         *,
         conversation: Hashable | None = None,
-    ) -> Generation:
+    ) -> KernelReply:
         prompt_ids = self.encoder.token_ids(messages)
         kv_cache: PromptCache | StaticCacheSlot | None
         if options.fast:
@@ -100,7 +105,7 @@ class KernelBackend:
                 kv_cache.forget()
         else:
             kv_cache = None if conversation is None else self._prompt_cache(conversation)
-        return Generation(self.model, prompt_ids, options, kv_cache)
+        return KernelReply(self.model, prompt_ids, options, kv_cache)
 
     def forget_conversations(self) -> None:
         self.prompt_caches.clear()
@@ -144,11 +149,41 @@ def why_decoding_is_not_compiled(loaded: LoadedModel) -> str | None:
     return f"compiles only on a GPU (this model is on {model.device.type})"
 
 
-def fast_mode_note(loaded: LoadedModel) -> str:
-    """The line shown before the first reply in a model's static cache."""
+def fast_mode_notice(loaded: LoadedModel) -> Notice:
+    """What to say before the first reply in a model's static cache."""
     if (why_not := why_decoding_is_not_compiled(loaded)) is not None:
-        return f"Note: --fast {why_not}; its replies are the same as without it, not faster."
-    return (
-        "Note: this first --fast reply compiles the decoding step with torch.compile "
-        "(a minute or more for a 7B model); later replies reuse it."
-    )
+        return Notice("fast_not_compiled", {"why": why_not})
+    return Notice("fast_compiles")
+
+
+@dataclass
+class KernelRequest:
+    """A model to load in this kernel (what ``%qwen_load MODEL`` asks the session for)."""
+
+    spec: loading.ModelSpec
+    progress: loading.Progress | None = print
+
+    def is_open_in(self, backend: Any) -> bool:
+        """The same spec loaded already: nothing to do."""
+        loaded = backend.loaded if isinstance(backend, KernelBackend) else None
+        return loaded is not None and loaded.spec == self.spec
+
+    def open(self, current: Any, release_current: Callable[[], Any]) -> KernelBackend:
+        """Check the spec, free the current model (its memory counts as free), then load."""
+        loaded_now = current.loaded if isinstance(current, KernelBackend) else None
+        freed = loaded_now.memory_bytes if loaded_now is not None else 0
+        del loaded_now  # no reference of ours may keep the old model alive once released
+        loaded = loading.load_model(
+            self.spec, progress=self.progress, make_room=release_current, freed_bytes=freed
+        )
+        return KernelBackend(loaded)
+
+
+def request(
+    model: str | None = None, *, progress: loading.Progress | None = print, **how: Any
+) -> KernelRequest:
+    """The registry's factory: ``how`` holds ``loading.model_spec``'s options (dtype, …)."""
+    from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
+
+    import_heavy_modules()  # before anything imports torch: a Ctrl-C then waits for it
+    return KernelRequest(loading.model_spec(model, **how), progress)

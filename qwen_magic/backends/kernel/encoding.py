@@ -18,18 +18,21 @@ from __future__ import annotations
 
 from typing import Any
 
-Messages = list[dict[str, str]]
+from qwen_magic.backends.base import Messages, chat_dicts
+
+ChatDicts = list[dict[str, str]]
 
 
-def plain_prompt(messages: Messages) -> str:
+def plain_prompt(messages: Messages | ChatDicts) -> str:
     """A simple transcript for models without a chat template."""
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n\n".join([*lines, "Assistant:"])
 
 
-def encode(tokenizer: Any, messages: Messages) -> list[int]:
+def encode(tokenizer: Any, messages: Messages | ChatDicts) -> list[int]:
     """``messages`` rendered for the model (its chat template, else a plain transcript), with
     every message's content tokenized as plain text."""
+    messages = chat_dicts(messages)  # role and content: what the template reads
     if not getattr(tokenizer, "chat_template", None):
         return list(tokenizer(plain_prompt(messages), split_special_tokens=True)["input_ids"])
     if not holds_control_text(tokenizer, messages):
@@ -49,13 +52,13 @@ def control_strings(tokenizer: Any) -> set[str]:
     return {text for text in strings if text}
 
 
-def holds_control_text(tokenizer: Any, messages: Messages) -> bool:
+def holds_control_text(tokenizer: Any, messages: ChatDicts) -> bool:
     """True when some message's content contains a control token's text."""
     strings = control_strings(tokenizer)
     return any(text in message["content"] for message in messages for text in strings)
 
 
-def _encode_content_as_text(tokenizer: Any, messages: Messages) -> list[int]:
+def _encode_content_as_text(tokenizer: Any, messages: ChatDicts) -> list[int]:
     """The template's own text tokenized as usual, each content with its special-token look-
     alikes split into plain text."""
     markers = [f"\ue000qwen_magic:{index}\ue001" for index in range(len(messages))]
@@ -92,13 +95,14 @@ class PromptEncoder:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._last: tuple[Messages, list[int]] | None = None
+        self._last: tuple[ChatDicts, list[int]] | None = None
 
     def token_ids(self, messages: Messages) -> list[int]:
-        if self._last is not None and self._last[0] == messages:
+        plain = chat_dicts(messages)
+        if self._last is not None and self._last[0] == plain:
             return self._last[1]
-        ids = encode(self.tokenizer, messages)
-        self._last = ([dict(message) for message in messages], ids)
+        ids = encode(self.tokenizer, plain)
+        self._last = (plain, ids)
         return ids
 
     def count(self, messages: Messages) -> int:

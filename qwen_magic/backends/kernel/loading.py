@@ -17,9 +17,6 @@ unless asked for. Every user mistake is a one-line ``QwenMagicError`` that says 
 
 from __future__ import annotations
 
-import gc
-import importlib.util
-import json
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_magic.backends.kernel.devices import (
+    check_memory,
+    choose_attention,
+    cuda_available,
+    device_map_for,
+    free_memory,
+    is_out_of_memory,
+)
 from qwen_magic.backends.kernel.quantize.formats import FORMATS as QUANTIZE_FORMATS
 from qwen_magic.errors import QwenMagicError
 
@@ -34,7 +39,6 @@ DEFAULT_GPU_MODEL = "Qwen/Qwen2-7B-Instruct"
 MODEL_ENV_VAR = "QWEN_MAGIC_MODEL"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
-DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 Progress = Callable[[str], None]
 
@@ -129,21 +133,6 @@ def default_model_reason() -> str:
     return "no CUDA GPU here, so the offline demo model"
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def free_memory() -> None:
-    """Collect unreachable tensors and hand CUDA's cached blocks back to the device."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def model_spec(
     model: str | None = None,
     *,
@@ -212,7 +201,7 @@ def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
     config = _load_config(spec, path, gguf_file)
     _check_causal_lm(config, spec.model)
 
-    device_map = _device_map(spec.device)
+    device_map = device_map_for(spec.device)
     on_cuda = device_map not in ("cpu", None) and cuda_available()
 
     if spec.dtype == "auto":
@@ -223,14 +212,14 @@ def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
         if spec.dtype == "float16" and not on_cuda:
             notices.append("float16 is slow on CPU; bfloat16 or float32 is the better choice.")
 
-    attention = _attention(spec.attention, on_cuda, notices)
+    attention = choose_attention(spec.attention, on_cuda, notices)
     if spec.quantize != "none":
         from qwen_magic.backends.kernel.quantize.formats import check_format
 
         check_format(spec.quantize, on_cuda)
         if on_cuda and device_map != "auto" and not isinstance(device_map, (str, int)):
             notices.append("quantizing a model spread by a device map is untested.")
-    _check_memory(path, gguf_file, spec, on_cuda, freed_bytes)
+    check_memory(path, gguf_file, spec, on_cuda, freed_bytes)
     return _Plan(
         path, gguf_file, name, source, torch_dtype, device_map, attention, notices, on_cuda
     )
@@ -330,108 +319,6 @@ def _check_causal_lm(config: Any, model: str) -> None:
     )
 
 
-def _device_map(device: str) -> Any:
-    """Map the ``--device`` option to ``from_pretrained``'s ``device_map``."""
-    text = device.strip()
-    if text == "auto":
-        return "auto" if cuda_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or text.startswith("cuda:") or text.isdigit():
-        if not cuda_available():
-            raise QwenMagicError(
-                f"--device {text} asks for a GPU, but torch sees no CUDA device here; "
-                "use --device cpu (or install a CUDA build of torch on a GPU machine)."
-            )
-        return text if not text.isdigit() else int(text)
-    if text in DEVICE_MAP_NAMES[1:]:
-        return text
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise QwenMagicError(
-                f"--device {text} is not valid JSON for a device_map ({error.msg})."
-            ) from error
-    raise QwenMagicError(
-        f"Unknown device {text!r}; use auto, cpu, cuda, cuda:N, balanced, sequential, "
-        "or a JSON device_map such as '{\"\": 0}'."
-    )
-
-
-def _attention(requested: str, on_cuda: bool, notices: list[str]) -> str:
-    """Pick the attention implementation; flash attention falls back to sdpa when unusable."""
-    flash_ready = on_cuda and importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        return "flash_attention_2" if flash_ready else "sdpa"
-    if requested == "flash_attention_2" and not flash_ready:
-        why = "no CUDA device" if not on_cuda else "the flash-attn package is not installed"
-        notices.append(f"flash_attention_2 is unavailable ({why}); using sdpa instead.")
-        return "sdpa"
-    return requested
-
-
-def _estimated_weight_bytes(path: str, gguf_file: str | None, spec: ModelSpec) -> int | None:
-    """Bytes the weights will take after loading, from the files on disk; None if unknown."""
-    folder = Path(path)
-    if gguf_file or not folder.is_dir():
-        return None
-    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    if not stored:
-        return None
-    if spec.dtype == "float32":
-        stored_dtype = _stored_dtype(folder)
-        return stored * 2 if stored_dtype in ("bfloat16", "float16") else stored
-    return stored
-
-
-def _stored_dtype(folder: Path) -> str | None:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("dtype") or config.get("torch_dtype")
-
-
-def _check_memory(
-    path: str, gguf_file: str | None, spec: ModelSpec, on_cuda: bool, freed_bytes: int
-) -> None:
-    """Refuse up front a local model that cannot fit, so the current model stays loaded."""
-    needed = _estimated_weight_bytes(path, gguf_file, spec)
-    if needed is None:
-        return
-    available = _available_memory_bytes(on_cuda) + freed_bytes  # the old model goes first
-    if needed > available:
-        raise QwenMagicError(
-            f"Not enough memory for {spec.model}: its weights need about {needed / 2**30:.1f} GiB "
-            f"but about {available / 2**30:.1f} GiB is free. Use a smaller model or a smaller "
-            "dtype (--dtype bfloat16), or free memory."
-        )
-
-
-def _available_memory_bytes(on_cuda: bool) -> int:
-    import psutil
-
-    free = psutil.virtual_memory().available
-    if on_cuda:
-        import torch
-
-        free += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    return int(free)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for the ways torch and Python report running out of GPU or CPU memory."""
-    import torch
-
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
 def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -453,7 +340,7 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(plan.path, **common)
         if quantized:
-            from qwen_magic.backends.kernel.quantize.formats import load_quantized
+            from qwen_magic.backends.kernel.quantize.cache import load_quantized
 
             model, quantize_notes = load_quantized(
                 path=plan.path,
@@ -500,9 +387,9 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
     device_map = getattr(model, "hf_device_map", None)
     devices = sorted({str(d) for d in device_map.values()}) if device_map else [str(model.device)]
     if quantized:
-        from qwen_magic.backends.kernel.quantize.formats import describe, weight_bytes
+        from qwen_magic.backends.kernel.quantize.formats import describe_format, weight_bytes
 
-        memory_bytes, method = weight_bytes(model), describe(spec.quantize, plan.on_cuda)
+        memory_bytes, method = weight_bytes(model), describe_format(spec.quantize, plan.on_cuda)
     else:
         memory_bytes, method = int(model.get_memory_footprint()), ""
     return LoadedModel(

@@ -1,31 +1,25 @@
 """One reply from a model in this kernel: ``model.generate`` on a worker thread, streamed back.
 
-:class:`Generation` is the seed recipe made safe for a notebook, and the in-kernel
-implementation of :class:`qwen_magic.backends.base.Reply`:
+:class:`KernelReply` is the seed recipe made safe for a notebook, on the shared
+:class:`~qwen_magic.backends.base.ThreadedReply` loop (worker thread, queue, held interrupts):
 
-* ``generate`` runs on a worker thread and feeds a ``TextIteratorStreamer`` (``skip_prompt=True,
-  skip_special_tokens=True`` as keyword arguments, so the prompt and ``<|im_end|>`` never show);
-  the caller iterates text chunks on its own thread, where it may safely update a widget.
-* Cancelling (``cancel()``, or Ctrl-C / the kernel's stop button while iterating) sets a
-  ``threading.Event`` that a ``StoppingCriteria`` checks after every token, so the model stops
-  within one decoding step; the worker is always joined and the partial text kept.
-* A long prompt is read in chunks before ``generate`` starts (chunked prefill into the KV
-  cache, :func:`prefill`), with the cancel checked between chunks, so an interrupt during a
-  long prefill stops the work within about a quarter of a second instead of after the whole
-  prompt. ``generate`` then continues from the filled cache, as it does for a follow-up.
-* No generation outlives its cell: the reading side waits for the worker to end however many
-  interrupts arrive meanwhile (they are held and the first re-raised once it ended), and the
-  kernel-wide lock is released only then.
+* ``generate`` runs on the worker and feeds a streamer (``skip_prompt=True,
+  skip_special_tokens=True`` as keyword arguments, so the prompt and ``<|im_end|>`` never show)
+  whose text goes to the reading thread, where it may safely update a widget.
+* Cancelling sets a ``threading.Event`` that a ``StoppingCriteria`` checks after every token, so
+  the model stops within one decoding step; a long prompt is read first by
+  :func:`~qwen_magic.backends.kernel.prefill.prefill`, which checks it before every layer.
 * An exception in the worker ends the stream (nothing waits forever) and is re-raised on the
-  caller's thread. Running out of memory empties the CUDA cache and becomes a
+  reading thread. Running out of memory empties the CUDA cache and becomes a
   :class:`~qwen_magic.errors.QwenMagicError` saying what to lower.
 * Only one generation runs in the kernel at a time.
-* The KV cache comes from :mod:`qwen_magic.backends.kernel.caches` (a conversation's cache, or fast mode's static
-  one) through one interface, so there is one path: take a cache for the prompt, generate the
-  rest, tell the cache what it now holds. A cache that needs one long-lived thread (fast mode's,
-  for its CUDA graphs) gets it.
-* The worker's OpenMP thread team is the only one while it runs (:mod:`qwen_magic.backends.kernel.openmp`): a
-  second one, left by the thread that loaded the model, made a CPU decode up to 1.5x slower.
+* The KV cache comes from :mod:`~qwen_magic.backends.kernel.caches` (a conversation's cache, or
+  fast mode's static one) through one interface: take a cache for the prompt, generate the rest,
+  tell the cache what it now holds. A cache that needs one long-lived thread (fast mode's, for
+  its CUDA graphs) gets it.
+* The worker's OpenMP thread team is the only one while it runs
+  (:mod:`~qwen_magic.backends.kernel.openmp`): a second one, left by the thread that loaded the
+  model, made a CPU decode up to 1.5x slower.
 """
 
 from __future__ import annotations
@@ -35,30 +29,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_magic.backends.base import ReplyStats
+from qwen_magic.backends.base import ReplyStats, ThreadedReply
 from qwen_magic.backends.kernel.caches import PromptCache, StaticCacheSlot
-from qwen_magic.backends.kernel.loading import LoadedModel, free_memory, is_out_of_memory
+from qwen_magic.backends.kernel.devices import free_memory, is_out_of_memory
+from qwen_magic.backends.kernel.loading import LoadedModel
 from qwen_magic.backends.kernel.openmp import release_thread_team
+from qwen_magic.backends.kernel.prefill import cache_argument, prefill
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
 #: Held while a generation runs: two ``generate`` calls never share a model.
 _generation_lock = threading.Lock()
-
-#: Chunked prefill: aim for chunks this long. Small chunks read a prompt slowly on a CPU (32
-#: tokens at a time ran at 40% of one pass's speed, 256 at 50%), and the cancel is checked
-#: before every decoder layer anyway, so a chunk of a few seconds still stops within a small
-#: fraction of that (24 layers in the demo model).
-PREFILL_CHUNK_SECONDS = 6.0
-#: The first chunk's size, and the bounds chunks are adapted within.
-PREFILL_FIRST_CHUNK, PREFILL_MIN_CHUNK, PREFILL_MAX_CHUNK = 1024, 256, 8192
-
-
-class _PrefillCancelled(Exception):
-    """Raised from a decoder layer's pre-hook to abandon a prefill that was cancelled."""
 
 
 class _LongLivedWorker:
@@ -89,7 +72,7 @@ class _LongLivedWorker:
         while True:
             job, done = self._jobs.get()
             try:
-                job()  # jobs catch their own errors (Generation._work)
+                job()  # jobs catch their own errors (ThreadedReply._work)
             finally:
                 # Drop the job (and any tensors it holds) before saying it ended: once the
                 # caller returns, the interpreter may exit, and a daemon thread must not be
@@ -101,114 +84,104 @@ class _LongLivedWorker:
 _long_lived_worker = _LongLivedWorker()
 
 
-def _make_streamer(tokenizer: Any, on_first_token: Any) -> Any:
-    from transformers import TextIteratorStreamer
+def _make_streamer(tokenizer: Any, emit: Callable[[str], None], on_tokens: Any) -> Any:
+    from transformers import TextStreamer
 
-    class TimedStreamer(TextIteratorStreamer):
-        """Notes when the first generated token arrives and counts tokens."""
+    class ForwardingStreamer(TextStreamer):
+        """Hands each finished piece of text to ``emit`` and counts the new tokens."""
 
         def put(self, value: Any) -> None:
             if not self.next_tokens_are_prompt:
-                on_first_token(int(value.numel()))
+                on_tokens(int(value.numel()))
             super().put(value)
 
-    return TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                emit(text)
+
+    return ForwardingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@dataclass
-class Generation:
-    """A reply being generated; iterate it for text chunks, then read ``text`` and ``stats``."""
+class KernelReply(ThreadedReply):
+    """A reply being generated in this kernel; iterate it for events, or call :meth:`run`."""
 
-    loaded: LoadedModel
-    prompt_ids: list[int]
-    options: GenerationOptions = field(default_factory=GenerationOptions)
-    #: Where the KV cache comes from and goes back to; None: a new cache, kept nowhere.
-    kv_cache: PromptCache | StaticCacheSlot | None = None
-    poll_seconds: float = 0.05
-    #: Called on the reading thread while it waits for tokens (e.g. to handle a Stop click).
-    on_wait: Callable[[], Any] | None = None
-
-    def __post_init__(self) -> None:
-        self.text = ""
-        self.note: str | None = None
-        quantized = self.loaded.quantization != "none"
-        self.stats = ReplyStats(
-            prompt_tokens=len(self.prompt_ids),
-            quantization=self.loaded.quantization if quantized else "",
-        )
-        self.error: BaseException | None = None
-        self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._done = threading.Event()
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompt_ids: list[int],
+        options: GenerationOptions | None = None,
+        kv_cache: PromptCache | StaticCacheSlot | None = None,
+    ) -> None:
+        super().__init__(ReplyStats(prompt_tokens=len(prompt_ids)))
+        self.loaded = loaded
+        self.prompt_ids = prompt_ids
+        self.options = options or GenerationOptions()
+        #: Where the KV cache comes from and goes back to; None: a new cache, kept nowhere.
+        self.kv_cache = kv_cache
         self._sequence: list[int] | None = None
-        self._started = 0.0
+        self._kwargs: dict[str, Any] = {}
+        self._cache_source: PromptCache | StaticCacheSlot | None = None
 
-    def cancel(self) -> None:
-        """Ask the model to stop after the current token."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def __iter__(self) -> Iterator[str]:
+    def _exclusive(self) -> contextlib.AbstractContextManager[Any]:
         if not _generation_lock.acquire(blocking=False):
             raise QwenMagicError(
                 "Another reply is still being generated; wait for it or interrupt it first."
             )
-        try:
-            yield from self._run()
-        finally:
-            _generation_lock.release()
+        return _Release(_generation_lock)
 
-    def _run(self) -> Iterator[str]:
+    def _prepare(self) -> None:
         import torch
 
-        kv_cache = self.kv_cache or PromptCache(self.loaded.model.config)
-        cache, reused = kv_cache.take(self.prompt_ids)
+        source = self.kv_cache or PromptCache(self.loaded.model.config)
+        cache, reused = source.take(self.prompt_ids)
+        self._cache_source = source
         self.stats.cached_prompt_tokens = reused
         if self.options.seed is not None:
             from transformers import set_seed
 
             set_seed(self.options.seed)
         ids = torch.tensor([self.prompt_ids], device=self.loaded.device)
-        streamer = _make_streamer(self.loaded.tokenizer, self._on_tokens)
-        kwargs = {
+        self._kwargs = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
-            **self.options.generate_kwargs(),
-            _cache_argument(): cache,
-            "streamer": streamer,
+            **generate_kwargs(self.options),
+            cache_argument(): cache,
             "stopping_criteria": _stop_on(self._cancel),
         }
-        self._started = time.perf_counter()
         release_thread_team()  # this thread's, so the worker's is the only one (openmp.py)
+
+    def _submit(self, work: Callable[[], None], done: threading.Event) -> None:
+        if self._cache_source is not None and self._cache_source.one_thread:
+            _long_lived_worker.submit(work, done)
+        else:
+            super()._submit(work, done)
+
+    def _produce(self, emit: Callable[[str], None]) -> None:
+        import torch
+
+        kwargs = {
+            **self._kwargs,
+            "streamer": _make_streamer(self.loaded.tokenizer, emit, self._on_tokens),
+        }
         try:
-            if kv_cache.one_thread:
-                _long_lived_worker.submit(lambda: self._work(kwargs, streamer), self._done)
-            else:
-                self._thread = threading.Thread(
-                    target=self._work_then_done,
-                    args=(kwargs, streamer),
-                    name="qwen_magic-generate",
-                    daemon=True,
-                )
-                self._thread.start()
-            yield from self._read(streamer)
-        except BaseException:  # Ctrl-C, or the consumer stopped early: stop the model too
-            self.cancel()
-            raise
+            with torch.inference_mode():
+                prefill(self.loaded.model, kwargs, self._cancel)
+                if self._cancel.is_set():  # stopped while reading the prompt: nothing to say
+                    return
+                output = self.loaded.model.generate(**kwargs)
+            self._sequence = output[0].tolist()
         finally:
-            held = self._wait_for_worker()
-            self.stats.total_seconds = time.perf_counter() - self._started
-            self.stats.interrupted = self.cancelled
-            self.stats.stop_reason = self._stop_reason()
-            if held is not None:
-                raise held
-        if self.error is not None:
-            raise _explain(self.error) from self.error
-        if self._sequence is not None:
-            kv_cache.keep(self._sequence)
+            kwargs.clear()  # the worker lets go of the tensors before it says it ended
+            release_thread_team()  # the user's code after the reply runs at full speed too
+
+    def _on_tokens(self, count: int) -> None:
+        if self.stats.first_token_seconds is None:
+            self.stats.first_token_seconds = time.perf_counter() - self._started
+        self.stats.new_tokens += count
+
+    def _settle(self) -> None:
+        self._kwargs = {}
+        self.stats.stop_reason = self._stop_reason()
 
     def _stop_reason(self) -> str | None:
         """Why the reply ended: cancelled, the model's end-of-turn token, or the length cap."""
@@ -223,126 +196,48 @@ class Generation:
             return "length"
         return "eos"
 
-    def _wait_for_worker(self) -> BaseException | None:
-        """Wait until the worker has ended (it was cancelled if the cell is being left early).
-        Interrupts arriving meanwhile cancel again and are held; the first is returned."""
-        held: BaseException | None = None
-        while not self._done.is_set():
-            try:
-                self._done.wait()
-            except KeyboardInterrupt as interrupt:
-                self.cancel()
-                held = held or interrupt
-        if self._thread is not None:
-            self._thread.join()
-        return held
+    def _finish(self) -> None:
+        if self._sequence is not None and self._cache_source is not None:
+            self._cache_source.keep(self._sequence)
 
-    def _read(self, streamer: Any) -> Iterator[str]:
-        while True:
-            try:
-                chunk = streamer.text_queue.get(timeout=self.poll_seconds)
-            except queue.Empty:
-                if self._done.is_set() and streamer.text_queue.empty():
-                    return  # the worker ended without ending the stream
-                if self.on_wait is not None:
-                    self.on_wait()
-                continue
-            if chunk is streamer.stop_signal:
-                return
-            self.text += chunk
-            yield chunk
-
-    def _on_tokens(self, count: int) -> None:
-        if self.stats.first_token_seconds is None:
-            self.stats.first_token_seconds = time.perf_counter() - self._started
-        self.stats.new_tokens += count
-
-    def _work(self, kwargs: dict[str, Any], streamer: Any) -> None:
-        import torch
-
-        try:
-            with torch.inference_mode():
-                prefill(self.loaded.model, kwargs, self._cancel)
-                if self._cancel.is_set():  # stopped while reading the prompt: nothing to say
-                    streamer.text_queue.put(streamer.stop_signal)
-                    return
-                output = self.loaded.model.generate(**kwargs)
-            self._sequence = output[0].tolist()
-        except BaseException as error:  # re-raised on the caller's thread
-            self.error = error
-            streamer.text_queue.put(streamer.stop_signal)
-        finally:
-            release_thread_team()  # the user's code after the reply runs at full speed too
-
-    def _work_then_done(self, kwargs: dict[str, Any], streamer: Any) -> None:
-        try:
-            self._work(kwargs, streamer)
-        finally:
-            self._done.set()
-
-    def run(self) -> str:
-        """Generate without streaming; return the full reply."""
-        for _chunk in self:
-            pass
-        return self.text
+    def _explain(self, error: BaseException) -> BaseException:
+        """Turn running out of memory into a one-line error that says what to lower."""
+        if is_out_of_memory(error):
+            free_memory()
+            return QwenMagicError(
+                "Out of memory while generating; the reply was not recorded. Lower "
+                "--max-new-tokens, start a shorter conversation (%qwen_reset), or load a "
+                "smaller model or dtype."
+            )
+        return error
 
 
-def prefill(model: Any, kwargs: dict[str, Any], cancel: threading.Event) -> int:
-    """Read a long prompt into ``kwargs``' KV cache, all but its last token, in chunks of about
-    ``PREFILL_CHUNK_SECONDS`` (an unread part of one chunk or less is left to ``generate``'s
-    single pass, which keeps greedy replies identical with and without a reused cache);
-    ``generate`` then continues from the cache. ``cancel`` is checked
-    between chunks and before each decoder layer, so a cancelled prefill stops within one
-    layer's work. Returns how many prompt tokens the cache covers (a cancelled prefill leaves a
-    cache no one may reuse; the caches module never keeps one from a failed reply)."""
-    import torch
+class _Release(contextlib.AbstractContextManager):
+    """Releases an already acquired lock on leaving."""
 
-    cache = kwargs[_cache_argument()]
-    ids = kwargs["input_ids"]
-    covered = int(cache.get_seq_length())
-    end = ids.shape[1] - 1  # generate reads the last prompt token itself
-    if end - covered <= PREFILL_FIRST_CHUNK:
-        return covered  # one chunk's worth: generate reads it in one pass, as it always did
-    chunk = PREFILL_FIRST_CHUNK
-    with _cancel_before_each_layer(model, cancel):
-        while covered < end and not cancel.is_set():
-            stop = min(covered + chunk, end)
-            started = time.perf_counter()
-            positions = torch.arange(covered, stop, device=ids.device).unsqueeze(0)
-            try:
-                model(
-                    input_ids=ids[:, covered:stop],
-                    attention_mask=kwargs["attention_mask"][:, :stop],
-                    position_ids=positions,
-                    cache_position=positions[0],
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{_cache_argument(): cache},
-                )
-            except _PrefillCancelled:
-                break
-            seconds = time.perf_counter() - started
-            covered = stop
-            scale = min(PREFILL_CHUNK_SECONDS / max(seconds, 1e-3), 4.0)
-            chunk = int(min(PREFILL_MAX_CHUNK, max(PREFILL_MIN_CHUNK, chunk * scale)))
-    return covered
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
-@contextlib.contextmanager
-def _cancel_before_each_layer(model: Any, cancel: threading.Event) -> Iterator[None]:
-    """While inside, each decoder layer first checks ``cancel`` (a forward pre-hook)."""
-
-    def check(_module: Any, _inputs: Any) -> None:
-        if cancel.is_set():
-            raise _PrefillCancelled
-
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    handles = [layer.register_forward_pre_hook(check) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
+    """Keyword arguments for ``model.generate``: only what was set."""
+    kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
+    do_sample = options.sampling
+    if do_sample is not None:
+        kwargs["do_sample"] = do_sample
+    if do_sample is not False:
+        for name in ("temperature", "top_p", "top_k"):
+            if (value := getattr(options, name)) is not None:
+                kwargs[name] = value
+    else:
+        # Greedy: neutralise sampling defaults so transformers does not warn about them.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if options.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = options.repetition_penalty
+    return kwargs
 
 
 def _stop_on(cancel: threading.Event) -> Any:
@@ -360,23 +255,10 @@ def _stop_on(cancel: threading.Event) -> Any:
     return StoppingCriteriaList([StopOnCancel()])
 
 
-def _cache_argument() -> str:
-    """``generate``'s name for the KV cache: ``cache`` in recent transformers."""
-    try:
-        from transformers.generation.utils import ALL_CACHE_NAMES
+def iterate_text(reply: KernelReply) -> Iterator[str]:
+    """The reply's text pieces only (for code that wants the seed recipe's plain stream)."""
+    from qwen_magic.backends.base import TextDelta
 
-        return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
-    except ImportError:
-        return "past_key_values"
-
-
-def _explain(error: BaseException) -> BaseException:
-    """Turn running out of memory into a one-line error that says what to lower."""
-    if is_out_of_memory(error):
-        free_memory()
-        return QwenMagicError(
-            "Out of memory while generating; the reply was not recorded. Lower "
-            "--max-new-tokens, start a shorter conversation (%qwen_reset), or load a smaller "
-            "model or dtype."
-        )
-    return error
+    for event in reply:
+        if isinstance(event, TextDelta):
+            yield event.text

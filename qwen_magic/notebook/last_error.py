@@ -1,8 +1,6 @@
-"""What the notebook holds, put into prompts: the last error, cells and values, code in replies.
+"""The last error, put into a prompt (``%qwen_error``).
 
-The magics call these plain functions; none of them touches a model.
-
-**The last error** (``%qwen_error``): :func:`last_error` finds the most recent cell that raised,
+:func:`last_error` finds the most recent cell that raised,
 its number and source (``In[n]``) and its traceback as IPython showed it, without the ANSI
 colour codes. Three sources, the first that knows one:
 
@@ -22,35 +20,17 @@ interrupted reply) never count: asking about the last error should not answer "y
 ten". They are marked (:func:`mark_own_error`) and their cells noted (:func:`note_magic_error`).
 IPython's own one-line errors (an unknown ``%magic``) do count. :func:`error_prompt` turns the
 error into a message, trimming a long traceback to its head and its last frames (and saying so).
-
-**Cells and values** (``%%qwen -i``): :func:`interpolate` replaces ``$name``, ``${name}`` and
-``${expression}`` with values from the user's namespace. An expression is a name followed by
-attributes and literal indexes only: ``${In[3]}``, ``${Out[3]}``, ``${_}``, ``${df.columns}``,
-``${data['key'][-1]}``. It is parsed with :mod:`ast` and walked by hand, never ``eval``-ed, so
-no call or operator can run. Strings go in as they are, other values as IPython pretty-prints
-them; a value longer than :data:`VALUE_LIMIT` characters is cut, with a note in the prompt.
-``$$`` is a literal ``$``, a ``$`` not followed by a name or ``{`` stays as written, and braces
-elsewhere are never special.
-
-**Code in a reply** (``--code``): :func:`python_code` collects a reply's Python code blocks
-(```` ```python ````, ```` ```py ```` or bare fences) and :func:`offer_code` hands them to
-``shell.set_next_input``: JupyterLab inserts them as a new code cell below (not run), terminal
-IPython pre-fills the next prompt, and frontends that ignore it (nbclient, nbval) do nothing.
 """
 
 from __future__ import annotations
 
-import ast
 import re
 import sys
-import textwrap
 from dataclasses import dataclass
 from typing import Any
 
 from qwen_magic.errors import QwenMagicError
 
-#: A value put into a prompt with -i is cut after this many characters.
-VALUE_LIMIT = 4000
 #: The traceback and cell of %qwen_error take at most this many characters together.
 ERROR_LIMIT = 10_000
 #: The default question of %qwen_error.
@@ -104,14 +84,23 @@ class ErrorWatcher:
 
     @classmethod
     def install(cls, shell: Any) -> None:
-        """Watch ``shell``'s cells; a watcher installed before (``%reload_ext``) is replaced."""
+        """Register the hook on ``shell``, replacing one left by an earlier ``%load_ext``."""
+        events = getattr(shell, "events", None)
+        if events is None:
+            return
+        cls.uninstall(shell)
+        events.register("post_run_cell", cls(shell).post_run_cell)
+
+    @staticmethod
+    def uninstall(shell: Any) -> None:
+        """Remove the hook from ``shell`` (``%unload_ext``)."""
         events = getattr(shell, "events", None)
         if events is None:
             return
         for callback in list(events.callbacks.get("post_run_cell", [])):
-            if type(getattr(callback, "__self__", None)).__name__ == cls.__name__:
+            # By name: after %reload_ext the old hook's class is an older copy of this one.
+            if type(getattr(callback, "__self__", None)).__name__ == "ErrorWatcher":
                 events.unregister("post_run_cell", callback)
-        events.register("post_run_cell", cls(shell).post_run_cell)
 
     def post_run_cell(self, result: Any) -> None:
         error = None if result is None else result.error_before_exec or result.error_in_exec
@@ -288,170 +277,5 @@ def error_prompt(error: CellError, instruction: str = "", limit: int = ERROR_LIM
 
 # -- cells and values in a prompt ------------------------------------------------------------
 
-_PLACEHOLDER = re.compile(
-    r"\$(?:(?P<dollar>\$)|\{(?P<braced>[^{}]*)\}|(?P<name>[^\W\d]\w*)|(?P<unclosed>\{))"
-)
-_ALLOWED = (
-    "only names, .attributes and [literal] indexes, e.g. ${In[3]} or ${data['key'][0]}; "
-    "compute anything else into a variable first"
-)
-
-
-def interpolate(message: str, namespace: dict[str, Any], *, limit: int = VALUE_LIMIT) -> str:
-    """Replace ``$name``, ``${name}`` and ``${expression}`` in ``message`` with values from
-    ``namespace``; ``$$`` is a ``$``; anything else stays as written."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match["dollar"]:
-            return "$"
-        if match["unclosed"]:
-            line = message.count("\n", 0, match.start()) + 1
-            raise QwenMagicError(
-                f"--interpolate: the '${{' on line {line} is not closed by '}}'; close it, or "
-                "write $$ for a literal $."
-            )
-        expression = (match["braced"] if match["braced"] is not None else match["name"]).strip()
-        shown = f"${{{expression}}}" if match["braced"] is not None else f"${expression}"
-        return render(evaluate(expression, namespace, shown), shown, limit)
-
-    return _PLACEHOLDER.sub(replace, message)
-
-
-def evaluate(expression: str, namespace: dict[str, Any], shown: str | None = None) -> Any:
-    """The value of ``expression`` (a name, then attributes and literal indexes) in
-    ``namespace``, found without ``eval``; one-line errors name what is wrong."""
-    shown = shown or f"${{{expression}}}"
-    try:
-        tree = ast.parse(expression, mode="eval").body
-    except SyntaxError:
-        raise QwenMagicError(f"--interpolate: {shown} is not allowed: {_ALLOWED}.") from None
-    return _walk(tree, namespace, shown)
-
-
-def _walk(node: ast.AST, namespace: dict[str, Any], shown: str) -> Any:
-    if isinstance(node, ast.Name):
-        if node.id not in namespace:
-            raise QwenMagicError(
-                f"--interpolate: no variable {node.id!r} (in {shown}); define it, or write $$ "
-                "for a literal $."
-            )
-        return namespace[node.id]
-    if isinstance(node, ast.Attribute):
-        if node.attr.startswith("__"):
-            raise QwenMagicError(
-                f"--interpolate: {shown} is not allowed: no .__dunder__ attributes; {_ALLOWED}."
-            )
-        value = _walk(node.value, namespace, shown)
-        try:
-            return getattr(value, node.attr)
-        except AttributeError:
-            raise QwenMagicError(
-                f"--interpolate: {shown}: {type(value).__name__} object has no attribute "
-                f"{node.attr!r}."
-            ) from None
-        except Exception as error:
-            raise _raised(shown, error) from error
-    if isinstance(node, ast.Subscript):
-        key = _literal_index(node.slice, shown)
-        value = _walk(node.value, namespace, shown)
-        try:
-            return value[key]
-        except (KeyError, IndexError):
-            raise QwenMagicError(f"--interpolate: {shown}: {_missing(node, value, key)}.") from None
-        except Exception as error:
-            raise _raised(shown, error) from error
-    raise QwenMagicError(f"--interpolate: {shown} is not allowed: {_ALLOWED}.")
-
-
-def _literal_index(node: ast.AST, shown: str) -> int | str:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, str):
-        return node.value
-    if (
-        isinstance(node, ast.UnaryOp)
-        and isinstance(node.op, ast.USub)
-        and isinstance(node.operand, ast.Constant)
-        and type(node.operand.value) is int
-    ):
-        return -node.operand.value
-    raise QwenMagicError(
-        f"--interpolate: {shown} is not allowed: an index must be a literal number or string; "
-        f"{_ALLOWED}."
-    )
-
-
-def _missing(node: ast.Subscript, value: Any, key: int | str) -> str:
-    base = ast.unparse(node.value)
-    if base == "Out" and isinstance(key, int):
-        return f"Out has no entry {key} (cell {key} did not end with a value)"
-    if base == "In" and isinstance(key, int):
-        return f"In has no cell {key} (cells run so far: {max(len(value) - 1, 0)})"
-    size = f" of {len(value)}" if hasattr(value, "__len__") else ""
-    kind = "index" if isinstance(key, int) else "key"
-    return f"{base} has no {kind} {key!r} ({type(value).__name__}{size})"
-
-
-def _raised(shown: str, error: Exception) -> QwenMagicError:
-    return QwenMagicError(f"--interpolate: {shown} raised {type(error).__name__}: {error}")
-
-
-def render(value: Any, shown: str = "the value", limit: int = VALUE_LIMIT) -> str:
-    """``value`` as prompt text: a string as it is, anything else as IPython pretty-prints it
-    (lists, dicts and data frames as you see them in Out); cut after ``limit`` characters with
-    a note saying so."""
-    if isinstance(value, str):
-        text = value
-    else:
-        try:
-            from IPython.lib.pretty import pretty
-
-            text = pretty(value)
-        except Exception:
-            text = repr(value)
-    if len(text) <= limit:
-        return text
-    return (
-        f"{text[:limit]}\n[… cut: {shown} is {len(text):,} characters long; "
-        f"only the first {limit:,} are shown]"
-    )
-
 
 # -- code in a reply ---------------------------------------------------------------------------
-
-_FENCE = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`{]*)[^\n]*\n"
-    r"(?P<body>.*?)(?:^[ \t]*(?P=fence)[`~]*[ \t]*$|\Z)",
-    re.M | re.S,
-)
-PYTHON_FENCES = {"", "python", "py", "python3", "py3", "ipython", "ipython3"}
-
-
-def code_blocks(text: str) -> list[str]:
-    """The Python code blocks of a Markdown ``text``: fenced as ``python``, ``py`` or with no
-    language (other languages are left out); a block left open at the end (a reply cut short)
-    counts too."""
-    blocks = []
-    for match in _FENCE.finditer(text):
-        if match["lang"].lower() not in PYTHON_FENCES:
-            continue
-        body = textwrap.dedent(match["body"]).strip("\n")
-        if body.strip():
-            blocks.append(body)
-    return blocks
-
-
-def python_code(text: str) -> str | None:
-    """The reply's Python code blocks joined into one cell's source, or None if it has none."""
-    blocks = code_blocks(text)
-    return "\n\n".join(blocks) if blocks else None
-
-
-def offer_code(shell: Any, reply: str) -> str:
-    """Put ``reply``'s Python code into a new cell below (not run) with ``set_next_input``;
-    returns the one line to show."""
-    code = python_code(reply)
-    if code is None:
-        return "--code: the reply has no Python code block; no cell was added."
-    shell.set_next_input(code, replace=False)
-    lines = code.count("\n") + 1
-    where = "a new cell below" if hasattr(shell, "kernel") else "the next prompt"
-    return f"--code: the reply's code ({lines} line{'s' * (lines != 1)}) is in {where}, not run."

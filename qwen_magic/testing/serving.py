@@ -76,7 +76,7 @@ class ServeProcess:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"transformers serve exited early:\n{self.log_tail()}")
             health = f"{self.url}/health"
             with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as answer:
