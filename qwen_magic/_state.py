@@ -1,8 +1,10 @@
 """The one value that must outlive ``%reload_ext qwen_magic``: the kernel's session.
 
-``%reload_ext`` re-imports ``qwen_magic.notebook.magics`` and friends, but not this module's value: it
-lives here, in a module nothing reloads, so a loaded model (gigabytes of GPU memory) and the
-notebook's conversations survive a reload of the extension's code. Only
+``%reload_ext qwen_magic`` calls ``unload_ipython_extension``, reloads the package module
+(``importlib.reload(qwen_magic)``: its submodules are not re-imported) and calls
+``load_ipython_extension`` again, which registers a fresh ``QwenMagics``. The session is not an
+attribute of the package module but lives here, in a module no reload touches, so a loaded model
+(gigabytes of GPU memory) and the notebook's conversations survive the reload. Only
 :func:`qwen_magic.session.current` reads or writes it.
 """
 

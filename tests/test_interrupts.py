@@ -11,6 +11,7 @@ import pytest
 
 import qwen_magic
 from qwen_magic.backends.base import TextDelta
+from qwen_magic.backends.kernel import prefill as prefill_module
 from qwen_magic.backends.kernel import reply as generation
 from qwen_magic.backends.kernel.prefill import cache_argument
 from qwen_magic.conversation import ConversationBook
@@ -79,8 +80,8 @@ def test_an_interrupt_before_the_first_word_records_nothing(tiny, monkeypatch):
 def test_prefill_reads_the_prompt_in_chunks_and_stops_between_them(tiny, monkeypatch):
     """A long prompt is read in chunks; a cancel between chunks ends the work before generate
     ever runs, and the next reply starts from a clean cache."""
-    monkeypatch.setattr(generation, "PREFILL_FIRST_CHUNK", 16)
-    monkeypatch.setattr(generation, "PREFILL_MAX_CHUNK", 16)
+    monkeypatch.setattr(prefill_module, "PREFILL_FIRST_CHUNK", 16)
+    monkeypatch.setattr(prefill_module, "PREFILL_MAX_CHUNK", 16)
     chunks, generate_calls = [], []
     real_forward = tiny.model.forward
     real_generate = tiny.model.generate
@@ -112,7 +113,7 @@ def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny, monkeypatch):
 
     from qwen_magic.backends.kernel.caches import new_dynamic_cache
 
-    monkeypatch.setattr(generation, "PREFILL_FIRST_CHUNK", 16)  # a prompt longer than a chunk
+    monkeypatch.setattr(prefill_module, "PREFILL_FIRST_CHUNK", 16)  # a prompt longer than a chunk
     layers = tiny.model.model.layers
     cancel = threading.Event()
     ran: list[int] = []
@@ -141,8 +142,8 @@ def test_chunked_prefill_says_the_same_as_one_prefill(tiny, monkeypatch):
     messages = [{"role": "user", "content": "Tell me about the sea. " * 30}]
     options = GenerationOptions(max_new_tokens=12, do_sample=False)
     whole = start(messages, options).run()
-    monkeypatch.setattr(generation, "PREFILL_FIRST_CHUNK", 7)
-    monkeypatch.setattr(generation, "PREFILL_MAX_CHUNK", 7)
+    monkeypatch.setattr(prefill_module, "PREFILL_FIRST_CHUNK", 7)
+    monkeypatch.setattr(prefill_module, "PREFILL_MAX_CHUNK", 7)
     assert start(messages, options).run() == whole
 
 

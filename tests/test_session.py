@@ -16,9 +16,9 @@ from qwen_magic.backends.base import Backend, Reply, TextDelta
 from qwen_magic.backends.kernel.backend import KernelBackend
 from qwen_magic.conversation import Turn
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.notebook.views import TextView, View
+from qwen_magic.notebook.views import TextView
 from qwen_magic.options import GenerationOptions
-from qwen_magic.presentation import NullView
+from qwen_magic.presentation import NullView, View
 
 from .helpers import start
 
@@ -174,17 +174,21 @@ def test_non_finite_and_out_of_range_values_are_one_line_errors(options, flag):
         GenerationOptions(**options)
 
 
-def test_importing_the_package_is_free_of_torch_and_transformers():
-    """`import qwen_magic` (every submodule the API needs) imports no torch, transformers or
-    ipywidgets."""
+def test_importing_every_module_of_the_package_is_free_of_torch_and_transformers():
+    """Importing qwen_magic and every one of its submodules (walked, not listed) imports no
+    torch, transformers or ipywidgets: those come with the first load or widget."""
     facts = run_python(
         """
-        import json, sys
-        import qwen_magic, qwen_magic.chat, qwen_magic.backends.kernel.backend, qwen_magic.backends.kernel.reply
-        import qwen_magic.backends.kernel.caches, qwen_magic.session, qwen_magic.notebook.views, qwen_magic.notebook.magics
-        print(json.dumps({m: m in sys.modules for m in ("torch", "transformers", "ipywidgets")}))
+        import importlib, json, pkgutil, sys
+        import qwen_magic
+        names = [m.name for m in pkgutil.walk_packages(qwen_magic.__path__, "qwen_magic.")]
+        for name in names:
+            importlib.import_module(name)
+        heavy = {m: m in sys.modules for m in ("torch", "transformers", "ipywidgets")}
+        print(json.dumps({"modules": len(names), **heavy}))
         """
     )
+    assert facts.pop("modules") > 40
     assert facts == {"torch": False, "transformers": False, "ipywidgets": False}
 
 
