@@ -167,6 +167,8 @@ class Chat:
             _close(pieces)  # the work has ended before anything is recorded
             turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
             shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), reply.stats.footer())
+            if note := getattr(reply, "note", None):  # e.g. a server still reading the prompt
+                print(note)
             raise
         except ContextTooLong:
             raise  # nothing was shown: the caller fits again, or reports it

@@ -28,10 +28,14 @@ safe side.
 **A reply** (:class:`ServerReply`) does nothing until iterated. Then a worker thread sends the
 request and reads the stream into a queue, while the caller's thread takes pieces from the queue
 with a short timeout, calling ``on_wait`` between them (a Stop click is seen while the server is
-still reading a long prompt). :meth:`ServerReply.cancel` shuts the connection's socket at once:
-the worker's blocked read returns, and the server sees the client leave and stops generating.
-Ctrl-C while iterating cancels the same way, joins the worker and re-raises, well within a
-second. ``stats.new_tokens`` is the server's ``usage.completion_tokens`` when it sends usage
+still reading a long prompt). :meth:`ServerReply.cancel` shuts the connection's socket at once,
+before the server's headers as after them (the socket is known from the moment it connects:
+:mod:`~qwen_magic.server_sockets`): the worker's blocked read returns, and the server sees the
+client leave. Ctrl-C while iterating cancels the same way, joins the worker and re-raises, well
+within a second. Whether the server stops reading a prompt it has begun is its own affair (vLLM,
+SGLang and llama.cpp do; ``transformers serve`` does not): a reply stopped before its first
+token elsewhere gets a :attr:`~ServerReply.note` saying the next reply may start late.
+``stats.new_tokens`` is the server's ``usage.completion_tokens`` when it sends usage
 (``stream_options.include_usage`` is asked for; ``transformers serve`` sends it unasked), else
 the number of pieces.
 
@@ -73,6 +77,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .backend import Messages, ReplyStats
 from .errors import ContextTooLong, QwenMagicError
 from .options import GenerationOptions
+from .server_sockets import sending_for, shut_down, track, tracking_client
 
 #: Where the API key is looked for when no ``api_key_env`` is given, in this order.
 API_KEY_VARIABLES = ("QWEN_MAGIC_API_KEY", "OPENAI_API_KEY")
@@ -105,6 +110,13 @@ OPTIONAL_FIELDS = {
 EXTRA_BODY_FIELDS = {"top_k", "repetition_penalty", "generation_config"}
 
 TRANSFORMERS_SERVE = "transformers serve"
+LLAMA_CPP = "llama.cpp"
+#: Servers that drop a request, prompt and all, when its client disconnects: vLLM and SGLang
+#: abort it in their engines; llama.cpp's server polls the connection every second and cancels
+#: the task between prompt batches. ``transformers serve`` stops only at its next token, so a
+#: prompt it is reading is read to the end first (measured here: a 2,830-token prompt stopped
+#: at 2 s kept the next reply waiting 20.9 s for its first token, against 0.9 s).
+STOPS_READING_ON_DISCONNECT = frozenset({"vLLM", "SGLang", LLAMA_CPP})
 #: How a server's answer says the prompt does not fit (vLLM, SGLang, OpenAI, llama.cpp, TGI).
 _CONTEXT_TOO_LONG = re.compile(
     r"maximum context length|context length|context_length_exceeded|maximum model length"
@@ -271,7 +283,8 @@ class ServerBackend:
             api_key=api_key,
             max_retries=0,  # one clear line now beats three silent tries with back-off
             timeout=openai.Timeout(STREAM_READ_SECONDS, connect=timeout),
-            http_client=http_client,
+            # Each reply's socket is known from its first byte, so a cancel can always cut it.
+            http_client=track(http_client) if http_client is not None else tracking_client(),
         )
         secret = api_key if key_variable else ""
         try:
@@ -391,6 +404,17 @@ class ServerBackend:
         for reply in list(self._replies):
             reply.cancel()
         self._client.close()
+
+    def stopped_in_prefill_note(self) -> str | None:
+        """What to say under a reply stopped before its first token: whether the server may
+        still be reading its prompt (None where the server drops it when the client leaves)."""
+        if self.server_kind in STOPS_READING_ON_DISCONNECT:
+            return None
+        who = f" ({self.server_kind})" if self.server_kind == TRANSFORMERS_SERVE else ""
+        return (
+            f"The server{who} may still be reading the prompt (it stops only at its first "
+            "token): its next reply can start late."
+        )
 
     def __repr__(self) -> str:
         return f"<ServerBackend {self.model_id!r} at {self.base_url} ({self.server_kind})>"
@@ -523,6 +547,7 @@ class ServerReply:
         self._cancel = threading.Event()
         self._stream_lock = threading.Lock()
         self._stream: Any = None
+        self._socket: socket.socket | None = None
         self._worker: threading.Thread | None = None
         self._usage: Any = None
 
@@ -532,12 +557,24 @@ class ServerReply:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        """Close the stream now: the server stops generating; the text so far is kept."""
+        """Cut the connection now, before or after the server's first byte: the worker's read
+        returns and the server sees the client leave; the text so far is kept."""
         self._cancel.set()
         with self._stream_lock:
-            stream = self._stream
+            sock, stream = self._socket, self._stream
+        if sock is not None and shut_down(sock):
+            return
         if stream is not None:
             _abort(stream)
+
+    def adopt_socket(self, sock: socket.socket) -> None:
+        """The socket this reply's request was just connected on (from
+        :mod:`~qwen_magic.server_sockets`); cut at once if the reply was cancelled already."""
+        with self._stream_lock:
+            self._socket = sock
+            cut = self._cancel.is_set()
+        if cut:
+            shut_down(sock)
 
     def __iter__(self) -> Iterator[str]:
         if self._worker is not None:
@@ -591,8 +628,11 @@ class ServerReply:
         stream = None
         outcome: tuple[str, Any] = ("end", None)
         try:
+            if self._cancel.is_set():
+                return  # cancelled before it was sent: send nothing
             fields = backend._request_fields(self._messages, self._options)
-            stream, note = backend._open_stream(fields)
+            with sending_for(self):
+                stream, note = backend._open_stream(fields)
             if note:
                 self._pieces.put(("note", note))
             with self._stream_lock:
@@ -641,6 +681,8 @@ class ServerReply:
         stats.interrupted = stats.interrupted or self._cancel.is_set()
         if stats.interrupted:
             stats.stop_reason = "cancelled"
+            if not self.text and self._socket is not None:
+                self.note = self.note or self._backend.stopped_in_prefill_note()
         elif self.finish_reason in ("length", "stop"):
             stats.stop_reason = "length" if self.finish_reason == "length" else "eos"
         usage = self._usage
@@ -679,6 +721,8 @@ def server_kind(entry: dict[str, Any]) -> str:
         return "vLLM"
     if owner == "sglang":
         return "SGLang"
+    if owner == "llamacpp":
+        return LLAMA_CPP
     if isinstance(entry.get("status"), dict) and "value" in entry["status"]:
         return TRANSFORMERS_SERVE  # its own non-OpenAI field: whether the model is in memory
     return "OpenAI-compatible server"

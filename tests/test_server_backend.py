@@ -894,3 +894,59 @@ def test_a_reply_cut_by_the_token_limit_says_so_over_a_server(backend):
     reply_text = "".join(reply)
     assert reply_text and reply.stats.stop_reason == "length"
     assert "16-token limit" in reply.stats.footer()
+
+
+# ----- a server that never answers: nothing outlives the cell -----
+
+
+@pytest.fixture
+def silent():
+    from .serving import SilentServer
+
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "ctrl-c"])
+def test_cancel_before_any_header_closes_the_connection_and_the_thread(silent, how):
+    """Stop or Ctrl-C while the server has sent no headers yet ends the reply's thread within
+    a second and closes its socket, which the server sees."""
+    from qwen_magic.server_backend import ServerBackend
+
+    backend = ServerBackend.connect(silent.url, context_length=4096, progress=None)
+    reply = backend.start(ask("Hi"), GREEDY)
+    if how == "stop":
+        reply.on_wait = lambda: silent.chat_arrived.is_set() and reply.cancel()
+        assert list(reply) == []
+    else:
+        threading.Thread(
+            target=lambda: silent.chat_arrived.wait(10) and _thread.interrupt_main(), daemon=True
+        ).start()
+        with pytest.raises(KeyboardInterrupt):
+            list(reply)
+    cancelled_at = time.perf_counter()
+    reply._worker.join(1.0)
+    assert not reply._worker.is_alive()
+    assert silent.client_left.wait(1.0), "the server still holds an open connection"
+    assert silent.left_at - cancelled_at < 1.0
+    assert reply.cancelled and reply.text == ""
+    assert reply.note and "may still be reading the prompt" in reply.note
+    backend.close()
+
+
+def test_a_cancel_before_the_connection_is_made_cuts_it_when_it_is(silent):
+    """A reply cancelled before its request went out has its connection cut the moment it is
+    made: the worker does not wait on the server."""
+    from qwen_magic.server_backend import ServerBackend
+
+    backend = ServerBackend.connect(silent.url, context_length=4096, progress=None)
+    reply = backend.start(ask("Hi"), GREEDY)
+    reply.cancel()  # the request is sent when the reply is first iterated
+    started = time.perf_counter()
+    reply_thread = threading.Thread(target=lambda: list(reply), daemon=True)
+    reply_thread.start()
+    reply_thread.join(2.0)
+    assert not reply_thread.is_alive() and time.perf_counter() - started < 2.0
+    assert reply._worker is not None and not reply._worker.is_alive()
+    backend.close()
