@@ -30,6 +30,7 @@ from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
 from .errors import QwenMagicError
 from .heavy_imports import import_heavy_modules
 from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
+from .server_guards import redact_url
 from .view import make_view
 
 #: The environment variable naming the server a bare ``%qwen_load`` connects to.
@@ -331,7 +332,9 @@ class QwenMagics(Magics):
                 "its model already, so leave them out with --server."
             )
         if not args.server:
-            say(f"Connecting to {server} (from QwenMagics.server or ${SERVER_ENV_VAR}).")
+            say(
+                f"Connecting to {redact_url(server)} (from QwenMagics.server or ${SERVER_ENV_VAR})."
+            )
         backend, fresh = self.session.connect(
             server,
             args.model,

@@ -39,6 +39,10 @@ token elsewhere gets a :attr:`~ServerReply.note` saying the next reply may start
 (``stream_options.include_usage`` is asked for; ``transformers serve`` sends it unasked), else
 the number of pieces.
 
+**Content is data**: every message's content goes out with its control-token strings escaped
+(:mod:`~qwen_magic.server_guards`), so the server's chat template cannot read them as turn
+markers.
+
 **Options** map to the API's fields: ``max_new_tokens`` → ``max_tokens``, greedy →
 ``temperature: 0``, ``temperature``, ``top_p``, ``seed``; ``top_k`` and ``repetition_penalty``
 are not OpenAI fields and go in the body's extras, which vLLM and SGLang read. ``transformers
@@ -75,8 +79,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .backend import Messages, ReplyStats
+from .encoding import control_strings
 from .errors import ContextTooLong, QwenMagicError
 from .options import GenerationOptions
+from .server_guards import (
+    check_key_variable,
+    escaped_messages,
+    redact_url,
+)
 from .server_sockets import sending_for, shut_down, track, tracking_client
 
 #: Where the API key is looked for when no ``api_key_env`` is given, in this order.
@@ -142,32 +152,38 @@ def normalize_url(url: str) -> str:
     """The API's base URL for ``url``: ``http://host:port`` and ``.../v1`` both give ``.../v1``.
 
     A pasted endpoint (``.../v1/chat/completions``) is trimmed to its base. Anything that is not
-    an http(s) URL with a host is a one-line :class:`QwenMagicError`.
+    an http(s) URL with a host is a one-line :class:`QwenMagicError`; its messages never show
+    the URL's userinfo or query (:func:`~qwen_magic.server_guards.redact_url`).
     """
     text = url.strip()
+    shown = repr(redact_url(text))
     if "://" not in text:
         raise QwenMagicError(
-            f"{url!r} is not a server URL: give it with its scheme, e.g. http://{text or 'HOST'}"
-            f"{'' if ':' in text else ':8000'}."
+            f"{shown} is not a server URL: give it with its scheme, e.g. "
+            f"http://{redact_url('//' + text)[2:] or 'HOST'}{'' if ':' in text else ':8000'}."
         )
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - parsing the port is what raises for a bad one
     except ValueError as error:
-        raise QwenMagicError(f"{url!r} is not a valid URL ({error}).") from None
+        why = "its port must be a number" if "port" in str(error).lower() else "it does not parse"
+        raise QwenMagicError(f"{shown} is not a valid URL ({why}).") from None
     if parts.scheme not in ("http", "https"):
         raise QwenMagicError(
-            f"{url!r}: the server URL must start with http:// or https:// (got {parts.scheme}://)."
+            f"{shown}: the server URL must start with http:// or https:// (got {parts.scheme}://)."
         )
     if not parts.hostname:
-        raise QwenMagicError(f"{url!r} has no host: give it as http://HOST:PORT.")
+        raise QwenMagicError(f"{shown} has no host: give it as http://HOST:PORT.")
     if parts.username or parts.password:
         raise QwenMagicError(
-            "Put no credentials in the server URL: set the API key in an environment variable "
-            "(--api-key-env NAME, or QWEN_MAGIC_API_KEY)."
+            f"{shown}: put no credentials in the server URL; set the API key in an environment "
+            "variable (--api-key-env NAME, or QWEN_MAGIC_API_KEY)."
         )
     if parts.query or parts.fragment:
-        raise QwenMagicError(f"{url!r}: the server URL takes no query (?…) or fragment (#…).")
+        raise QwenMagicError(
+            f"{shown}: the server URL takes no query (?…) or fragment (#…); put an API key in "
+            "an environment variable (--api-key-env NAME, or QWEN_MAGIC_API_KEY)."
+        )
     path = parts.path.rstrip("/")
     for endpoint in ("/chat/completions", "/completions", "/models"):
         if path.endswith(endpoint):
@@ -200,6 +216,7 @@ def api_key_from_environment(api_key_env: str | None = None) -> tuple[str, str |
     ``QWEN_MAGIC_API_KEY`` and then ``OPENAI_API_KEY`` are tried.
     """
     if api_key_env:
+        check_key_variable(api_key_env)
         value = os.environ.get(api_key_env, "")
         if not value:
             raise QwenMagicError(
@@ -351,7 +368,7 @@ class ServerBackend:
         if tokenizer is None:
             return estimate_tokens(messages)
         encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            self._as_data(messages), add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return len(encoded["input_ids"])
 
@@ -427,7 +444,7 @@ class ServerBackend:
         """The JSON body for a streamed reply: only what was set, less what the server rejects."""
         fields: dict[str, Any] = {
             "model": self.model_id,
-            "messages": messages,
+            "messages": self._as_data(messages),
             "stream": True,
             "max_tokens": options.max_new_tokens,
         }
@@ -463,6 +480,13 @@ class ServerBackend:
             for name in self.unsupported_fields:
                 fields.pop(name, None)
         return fields
+
+    def _as_data(self, messages: Messages) -> Messages:
+        """``messages`` with the control tokens' text escaped, so the server's template cannot
+        read a message's content as turn markers: every ``<|…|>``, and the tokenizer's other
+        special tokens where it is loaded (not loaded here: a reply must not wait for it)."""
+        tokenizer = self._tokenizer
+        return escaped_messages(messages, control_strings(tokenizer) if tokenizer else ())
 
     def _open_stream(self, fields: dict[str, Any]) -> tuple[Any, str | None]:
         """Send the request; on a 400/422 about optional fields, retry once without them.
