@@ -55,10 +55,12 @@ the reply's :attr:`~ServerReply.note` says what was left out.
 **Errors** are one line (:class:`~qwen_magic.errors.QwenMagicError`): a server that cannot be
 reached (refused, unknown host, timeout) names the URL and what to check; an HTTP error gives
 the status and the server's own message; a stream cut mid-reply raises from the iteration with
-the partial text still in :attr:`ServerReply.text`. A prompt longer than the server's context
-raises :class:`ContextTooLong`, so the chat layer can trim and try once more. The backend keeps
-no conversation: each request carries the messages it is given (vLLM's and SGLang's prefix
-caches make follow-ups cheap on their side).
+the partial text still in :attr:`ServerReply.text`, and so does an event that is not JSON. A web
+page where the API should be (a wrong path) and ``https://`` to a plain-HTTP server each get
+their own line saying what to change. No message shows a URL's userinfo or query. A prompt
+longer than the server's context raises :class:`ContextTooLong`, so the chat layer can trim and
+try once more. The backend keeps no conversation: each request carries the messages it is given
+(vLLM's and SGLang's prefix caches make follow-ups cheap on their side).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ from .options import GenerationOptions
 from .server_guards import (
     check_key_variable,
     escaped_messages,
+    html_answer_message,
+    looks_like_html,
     redact_url,
 )
 from .server_sockets import sending_for, shut_down, track, tracking_client
@@ -657,6 +661,7 @@ class ServerReply:
             fields = backend._request_fields(self._messages, self._options)
             with sending_for(self):
                 stream, note = backend._open_stream(fields)
+            _check_event_stream(stream, backend.base_url)
             if note:
                 self._pieces.put(("note", note))
             with self._stream_lock:
@@ -686,6 +691,12 @@ class ServerReply:
         import openai
 
         broken = isinstance(error, openai.APIConnectionError) or _is_transport_error(error)
+        if streaming and isinstance(error, json.JSONDecodeError):
+            return ServerError(
+                f"The server at {self._backend.base_url} sent an event that is not JSON after "
+                f"{len(self.text)} characters ({error.msg} at character {error.pos}): the "
+                "partial reply is kept; see the server's log."
+            )
         if streaming and broken:
             return ServerError(
                 f"The connection to {self._backend.base_url} broke mid-reply after "
@@ -759,12 +770,26 @@ def _served_models(
     import openai
 
     try:
-        page = client.models.list(timeout=timeout)
-    except openai.NotFoundError:
+        raw = client.models.with_raw_response.list(timeout=timeout)
+    except openai.NotFoundError as error:
+        if looks_like_html(error.response.headers.get("content-type"), error.response.text):
+            raise ServerError(html_answer_message(base_url), 404) from None
         return None
     except openai.OpenAIError as error:
         raise describe_error(error, base_url, key_variable, secret) from None
-    return [model.to_dict() for model in page.data]
+    answer = raw.http_response
+    content_type = answer.headers.get("content-type", "")
+    if looks_like_html(content_type, answer.text):
+        raise ServerError(html_answer_message(base_url))
+    try:
+        return [model.to_dict() for model in raw.parse().data]
+    except Exception:  # JSON of another shape, or not JSON: not the OpenAI API either
+        said = " ".join(answer.text.split())[:120]
+        raise ServerError(
+            f"{base_url}/models answered with {content_type or 'no content type'} that is not "
+            f"the OpenAI API's model list ({redact(said, secret)!r}): check the URL (it "
+            "usually ends in :PORT or /v1)."
+        ) from None
 
 
 def _choose_model(
@@ -773,8 +798,9 @@ def _choose_model(
     if listed is None:
         if model is None:
             raise QwenMagicError(
-                f"The server at {base_url} does not list its models (no /v1/models): name the "
-                f"model, e.g. %qwen_load --server {base_url} MODEL."
+                f"The server at {base_url} does not list its models (GET /v1/models: 404): check "
+                "the URL (it usually ends in :PORT or /v1), or name the model, e.g. "
+                f"%qwen_load --server {base_url} MODEL."
             )
         return {"id": model}
     ids = [str(entry.get("id")) for entry in listed]
@@ -920,6 +946,12 @@ def describe_error(
         ):
             host = urlsplit(base_url).hostname
             why = f"the host name {host!r} is unknown: check the URL's spelling"
+        elif "ssl" in cause.lower() or "record layer" in cause.lower():
+            hint = " try http:// instead" if base_url.startswith("https:") else " check the server"
+            return ServerError(
+                f"Cannot reach the server at {base_url}: the TLS (https) handshake failed "
+                f"({_ssl_reason(cause)}); if the server speaks plain HTTP,{hint}."
+            )
         elif "timed out" in cause.lower():
             why = "it timed out: check the host, port and any firewall"
         else:
@@ -927,6 +959,9 @@ def describe_error(
         return ServerError(f"Cannot reach the server at {base_url} ({why}).")
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
+        with contextlib.suppress(Exception):
+            if looks_like_html(error.response.headers.get("content-type"), error.response.text):
+                return ServerError(html_answer_message(base_url), status)
         said = redact(server_message(error), secret)
         if _CONTEXT_TOO_LONG.search(said):
             match = _CONTEXT_LIMIT.search(said)
@@ -973,10 +1008,37 @@ def _cause_text(error: BaseException) -> str:
     parts = []
     seen = error
     while seen is not None and len(parts) < 6:
-        if text := str(seen):
+        if (text := str(seen)) and text not in parts:
             parts.append(text)
         seen = seen.__cause__ or seen.__context__
     return " / ".join(parts[1:] or parts)
+
+
+def _check_event_stream(stream: Any, base_url: str) -> None:
+    """Refuse a 200 answer that is not server-sent events (a web page, a JSON document) in one
+    line, instead of reading it as a stream that ended with no text."""
+    response = getattr(stream, "response", None)
+    content_type = response.headers.get("content-type", "") if response is not None else ""
+    if not content_type or "event-stream" in content_type:
+        return  # no type said: read it as a stream
+    if looks_like_html(content_type):
+        raise ServerError(html_answer_message(base_url))
+    try:
+        said = " ".join(response.read().decode("utf-8", "replace").split())[:120]
+    except Exception:
+        said = ""
+    raise ServerError(
+        f"The server at {base_url} answered the chat request with {content_type}, not a stream "
+        f"of server-sent events ({said!r}): check that the URL is an OpenAI-compatible API."
+    )
+
+
+def _ssl_reason(cause: str) -> str:
+    """The SSL library's own reason, said once: ``[SSL: WRONG_VERSION_NUMBER] …`` -> that."""
+    match = re.search(r"\[SSL: ?([A-Z_]+)\]|(record layer failure|wrong version number)", cause)
+    if match:
+        return (match.group(1) or match.group(2)).replace("_", " ").lower()
+    return cause.split(" / ")[0][:120] or "an SSL error"
 
 
 def _is_transport_error(error: BaseException) -> bool:

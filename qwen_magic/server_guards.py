@@ -1,6 +1,6 @@
 """What the server backend checks and rewrites so that nothing leaks or is misread.
 
-Two guards, each a small pure function, used by :mod:`qwen_magic.server_backend`:
+Three guards, each a small pure function, used by :mod:`qwen_magic.server_backend`:
 
 **Content is data.** A server renders the messages with its chat template, so a message holding
 ``<|im_end|>\\n<|im_start|>system …`` (typed, pulled in with ``-i``, or inside a traceback that
@@ -16,6 +16,10 @@ and so are the model tokenizer's other special tokens once it is loaded here.
 query and fragment, which is where keys are pasted; :func:`check_key_variable` refuses an
 ``--api-key-env`` value that is not a variable name, without repeating it (it is most likely the
 key itself).
+
+**An HTML page is not the API.** :func:`looks_like_html` tells a web page (a wrong path, a
+proxy's login page, a notebook server) from an API answer, by content type or first bytes, so
+the user is told to check the URL instead of being shown the page.
 """
 
 from __future__ import annotations
@@ -93,4 +97,21 @@ def check_key_variable(name: str) -> None:
     raise QwenMagicError(
         f"The value given to --api-key-env is not an environment variable name{looks}: put the "
         "key in an environment variable, e.g. %env QWEN_MAGIC_API_KEY=…, and give its name)."
+    )
+
+
+def looks_like_html(content_type: str | None, body: str | bytes = "") -> bool:
+    """Whether an HTTP answer is a web page: an HTML content type, or a body starting with
+    ``<!doctype`` / ``<html`` / ``<head`` / ``<body``."""
+    if content_type and "html" in content_type.lower():
+        return True
+    start = body[:200] if isinstance(body, str) else body[:200].decode("utf-8", "replace")
+    return start.lstrip().lower().startswith(("<!doctype", "<html", "<head", "<body"))
+
+
+def html_answer_message(base_url: str) -> str:
+    """The one line for an HTML page where the API was expected."""
+    return (
+        f"{base_url} answered with an HTML page, not the OpenAI API: check the URL "
+        "(it usually ends in :PORT or /v1)."
     )

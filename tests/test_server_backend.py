@@ -1036,3 +1036,81 @@ def test_redact_url_keeps_scheme_host_port_and_path():
 
     assert redact_url("see http://u:p@h:8/v1/x?k=1#f now") == "see http://***@h:8/v1/x?*** now"
     assert redact_url("http://h:8000/v1") == "http://h:8000/v1"
+
+
+def test_malformed_sse_is_one_line_and_keeps_the_partial_text():
+    """An event that is not JSON ends the reply with one QwenMagicError naming the server;
+    the text before it stays."""
+    events = sse(chunk(role="assistant", content=""), chunk("Half"), done=False)
+    reply = MockServer(lambda body: streamed(events + b"data: {not json\n\n")).connect()
+    reply = reply.start(ask("Hi"), GREEDY)
+    with pytest.raises(QwenMagicError) as raised:
+        list(reply)
+    message = one_line(raised.value)
+    assert "http://mock:8000/v1" in message and "not JSON" in message
+    assert reply.text == "Half"
+
+
+HTML = "<!DOCTYPE html><html><head><title>Jupyter</title></head><body>" + "x" * 600
+
+
+def html(status: int = 200):
+    import httpx
+
+    return httpx.Response(status, headers={"content-type": "text/html"}, text=HTML)
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_an_html_page_for_the_models_list_says_check_the_url(status):
+    """A web page where /v1/models should be (a wrong path, a notebook server) is one line
+    that says so, not 'name the model'."""
+    with pytest.raises(QwenMagicError) as raised:
+        MockServer(None, models=lambda request: html(status)).connect()
+    message = one_line(raised.value)
+    assert "answered with an HTML page, not the OpenAI API: check the URL" in message
+    assert "name the model" not in message and "DOCTYPE" not in message
+
+
+@pytest.mark.parametrize("status", [200, 404, 502])
+def test_an_html_page_for_a_chat_request_is_one_clear_line(status):
+    """A chat request answered with a web page (200 or an error status) is that one line,
+    without the page."""
+    backend = MockServer(lambda body: html(status)).connect(model="acme/chat-1")
+    with pytest.raises(QwenMagicError) as raised:
+        list(backend.start(ask("Hi"), GREEDY))
+    message = one_line(raised.value)
+    assert "answered with an HTML page" in message and "DOCTYPE" not in message
+    assert "characters came" not in message
+
+
+def test_a_json_document_instead_of_a_stream_is_one_line():
+    """A 200 JSON answer to a streamed request says it was no event stream, not that the
+    stream ended early."""
+    backend = MockServer(lambda body: error(200, {"status": "ok"})).connect()
+    with pytest.raises(QwenMagicError) as raised:
+        list(backend.start(ask("Hi"), GREEDY))
+    message = one_line(raised.value)
+    assert "not a stream of server-sent events" in message and "application/json" in message
+
+
+def test_https_against_a_plain_http_server_says_try_http():
+    """https:// to a server that speaks plain HTTP is one line saying so once, with the fix."""
+    import http.server
+
+    from qwen_magic.server_backend import ServerBackend
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(QwenMagicError) as raised:
+            ServerBackend.connect(f"https://127.0.0.1:{plain.server_address[1]}", progress=None)
+    finally:
+        plain.shutdown()
+        plain.server_close()
+    message = one_line(raised.value)
+    assert "try http:// instead" in message
+    assert message.lower().count("wrong version number") <= 1 and message.count("SSL") <= 1
