@@ -4,7 +4,7 @@ A *backend* turns a list of chat messages into a streamed reply. The chat layer
 (:class:`qwen_magic.chat.Chat`) talks to nothing else, so the same conversations, views, magics
 and history files work whether the model runs in this kernel
 (:class:`qwen_magic.kernel_backend.KernelBackend`, ``transformers``) or on a server that speaks
-the OpenAI chat-completions API (:class:`qwen_magic.server_backend.ServerBackend`: vLLM,
+the OpenAI chat-completions API (:class:`qwen_magic.backends.server.ServerBackend`: vLLM,
 SGLang, ``transformers serve``).
 
 The protocol is small, in the manner of transformers' ``BaseStreamer``:

@@ -25,12 +25,12 @@ from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
 from . import loading, notebook, persistence
 from . import session as kernel_session
+from .backends.server.guards import redact_url
 from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
 from .errors import QwenMagicError
 from .heavy_imports import import_heavy_modules
 from .options import DEFAULT_FAST_CACHE_TOKENS, GenerationOptions
-from .server_guards import redact_url
 from .view import make_view
 
 #: The environment variable naming the server a bare ``%qwen_load`` connects to.
@@ -357,7 +357,7 @@ class QwenMagics(Magics):
         if backend is None:
             print("No model is loaded; nothing to free.")
             return
-        from .server_backend import ServerBackend
+        from .backends.server import ServerBackend
 
         if isinstance(backend, ServerBackend):
             done = f"Disconnected from {backend.name} at {backend.base_url}"

@@ -5,7 +5,7 @@ its state in one reloader and jupysql its connections in one manager:
 
 * :attr:`Session.backend`: what writes the replies, a model loaded in this kernel
   (:class:`~qwen_magic.kernel_backend.KernelBackend`) or a model on a server
-  (:class:`~qwen_magic.server_backend.ServerBackend`, :meth:`Session.connect`); one at a time;
+  (:class:`~qwen_magic.backends.server.ServerBackend`, :meth:`Session.connect`); one at a time;
 * :attr:`Session.conversations`: the notebook's named conversations;
 * :attr:`Session.history`: the file they are saved to after each turn, if any.
 
@@ -98,7 +98,7 @@ class Session:
 
         Everything is checked before the current backend goes: a wrong URL or model name
         leaves the model loaded now in place."""
-        from .server_backend import ServerBackend, normalize_url
+        from .backends.server import ServerBackend, normalize_url
 
         current = self.backend
         if (

@@ -75,7 +75,7 @@ def own_server(demo_path: Path, tmp_path: Path):
 
 @pytest.fixture
 def backend(served: ServeProcess):
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     connected = ServerBackend.connect(served.url, progress=None)
     yield connected
@@ -96,7 +96,7 @@ def local_model(demo_path: Path):
 def test_importing_the_backend_loads_neither_openai_nor_torch():
     """The server backend's module imports nothing heavy: openai and transformers come when used."""
     code = (
-        "import sys, qwen_magic.server_backend\n"
+        "import sys, qwen_magic.backends.server\n"
         "print(sorted(m for m in ('openai', 'torch', 'transformers', 'httpx') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -106,7 +106,7 @@ def test_importing_the_backend_loads_neither_openai_nor_torch():
 def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     """A bare URL, with or without /v1, connects to the one served model and reads its context
     from the model's local config (transformers serve reports none)."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     said: list[str] = []
     backend = ServerBackend.connect(served.url + "/v1/", progress=said.append)
@@ -301,7 +301,7 @@ def test_ctrl_c_cancels_joins_and_reraises(backend):
 def test_server_killed_mid_reply_then_restarted(own_server):
     """Killing the server mid-reply raises one line from the iteration with the partial text
     kept; once it is restarted, the same backend's next reply works."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     backend = ServerBackend.connect(own_server.url, progress=None)
     reply = backend.start(ask(LONG), GenerationOptions(max_new_tokens=500, do_sample=False))
@@ -329,7 +329,7 @@ def test_server_killed_mid_reply_then_restarted(own_server):
 
 def test_a_closed_port_is_one_line():
     """Connecting to a port nothing listens on says, in one line, the URL and what to check."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     url = f"http://127.0.0.1:{free_port()}"
     started = time.perf_counter()
@@ -342,7 +342,7 @@ def test_a_closed_port_is_one_line():
 
 def test_an_unknown_host_is_one_line():
     """A host name that does not resolve is named as the thing to check."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     with pytest.raises(QwenMagicError) as raised:
         ServerBackend.connect("http://no-such-host.invalid:8000", progress=None, timeout=5)
@@ -352,7 +352,7 @@ def test_an_unknown_host_is_one_line():
 
 def test_a_model_the_server_does_not_serve_is_one_line(served, demo_path):
     """Naming a model the server does not serve lists what it does serve."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     with pytest.raises(QwenMagicError) as raised:
         ServerBackend.connect(served.url, "Qwen/Qwen2-7B-Instruct", progress=None)
@@ -372,7 +372,7 @@ def test_a_model_the_server_does_not_serve_is_one_line(served, demo_path):
 )
 def test_urls_are_normalised_to_the_api_base(url, expected):
     """A server URL with or without /v1 (or a pasted endpoint) gives the API's base URL."""
-    from qwen_magic.server_backend import normalize_url
+    from qwen_magic.backends.server import normalize_url
 
     assert normalize_url(url) == expected
 
@@ -383,7 +383,7 @@ def test_urls_are_normalised_to_the_api_base(url, expected):
 def test_bad_urls_are_one_line(url):
     """A URL without http(s), a host or a valid port, or with credentials, is refused in one
     line before anything is sent."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     with pytest.raises(QwenMagicError) as raised:
         ServerBackend.connect(url, progress=None)
@@ -393,7 +393,7 @@ def test_bad_urls_are_one_line(url):
 def test_token_estimate_is_an_upper_bound(local_model):
     """Without a tokenizer, the estimate is at least the real prompt length, in English,
     Chinese and code, with and without a system prompt."""
-    from qwen_magic.server_backend import estimate_tokens
+    from qwen_magic.backends.server import estimate_tokens
 
     _, tokenizer = local_model
     conversations = [
@@ -464,7 +464,7 @@ class MockServer:
     def connect(self, **options):
         import httpx
 
-        from qwen_magic.server_backend import ServerBackend
+        from qwen_magic.backends.server import ServerBackend
 
         client = httpx.Client(transport=httpx.MockTransport(self))
         options.setdefault("progress", None)
@@ -677,7 +677,7 @@ def test_what_the_models_list_says(monkeypatch):
     """The models list picks the model and the context: vLLM's max_model_len (capped by
     --context-length), several models must be named, and without any context figure the
     default comes with a notice; without a local tokenizer, tokens are estimated."""
-    from qwen_magic.server_backend import DEFAULT_CONTEXT_TOKENS, estimate_tokens
+    from qwen_magic.backends.server import DEFAULT_CONTEXT_TOKENS, estimate_tokens
 
     vllm = [{"id": "acme/chat-1", "object": "model", "owned_by": "vllm", "max_model_len": 8192}]
     backend = MockServer(None, models=vllm).connect(context_length=2048)
@@ -775,7 +775,7 @@ def test_the_magics_work_unchanged_over_a_server(shell, served, demo, tmp_path, 
 
 def test_a_bare_qwen_load_connects_to_the_configured_server(shell, served, monkeypatch, capsys):
     """$QWEN_MAGIC_SERVER makes a bare %qwen_load connect, and says where from."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
     from qwen_magic.session import current
 
     monkeypatch.setenv("QWEN_MAGIC_SERVER", served.url)
@@ -912,7 +912,7 @@ def silent():
 def test_cancel_before_any_header_closes_the_connection_and_the_thread(silent, how):
     """Stop or Ctrl-C while the server has sent no headers yet ends the reply's thread within
     a second and closes its socket, which the server sees."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     backend = ServerBackend.connect(silent.url, context_length=4096, progress=None)
     reply = backend.start(ask("Hi"), GREEDY)
@@ -938,7 +938,7 @@ def test_cancel_before_any_header_closes_the_connection_and_the_thread(silent, h
 def test_a_cancel_before_the_connection_is_made_cuts_it_when_it_is(silent):
     """A reply cancelled before its request went out has its connection cut the moment it is
     made: the worker does not wait on the server."""
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     backend = ServerBackend.connect(silent.url, context_length=4096, progress=None)
     reply = backend.start(ask("Hi"), GREEDY)
@@ -962,7 +962,7 @@ def test_control_token_text_never_reaches_the_server_as_such(tiny_model_path, to
     """Every message's content reaches the server with its special-token strings escaped (a
     zero-width space after '<'), with or without the model's tokenizer on this machine; the
     caller's messages are left as they were."""
-    from qwen_magic.server_guards import ESCAPE
+    from qwen_magic.backends.server.guards import ESCAPE
 
     model = {"id": str(tiny_model_path) if tokenizer_here else "acme/chat-1", "object": "model"}
     server = MockServer(lambda body: streamed(story("OK")), models=[model])
@@ -1014,7 +1014,7 @@ def test_a_url_holding_a_key_is_refused_without_echoing_it(shell, url, capsys):
     through %qwen_load --server and a configured QwenMagics.server."""
     from IPython.core.error import UsageError
 
-    from qwen_magic.server_backend import normalize_url
+    from qwen_magic.backends.server import normalize_url
 
     with pytest.raises(QwenMagicError) as raised:
         normalize_url(url)
@@ -1032,7 +1032,7 @@ def test_a_url_holding_a_key_is_refused_without_echoing_it(shell, url, capsys):
 
 def test_redact_url_keeps_scheme_host_port_and_path():
     """redact_url hides userinfo, query and fragment, nothing else."""
-    from qwen_magic.server_guards import redact_url
+    from qwen_magic.backends.server.guards import redact_url
 
     assert redact_url("see http://u:p@h:8/v1/x?k=1#f now") == "see http://***@h:8/v1/x?*** now"
     assert redact_url("http://h:8000/v1") == "http://h:8000/v1"
@@ -1097,7 +1097,7 @@ def test_https_against_a_plain_http_server_says_try_http():
     """https:// to a server that speaks plain HTTP is one line saying so once, with the fix."""
     import http.server
 
-    from qwen_magic.server_backend import ServerBackend
+    from qwen_magic.backends.server import ServerBackend
 
     class Quiet(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):

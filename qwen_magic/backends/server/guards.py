@@ -1,6 +1,6 @@
 """What the server backend checks and rewrites so that nothing leaks or is misread.
 
-Three guards, each a small pure function, used by :mod:`qwen_magic.server_backend`:
+Three guards, each a small pure function, used by :mod:`qwen_magic.backends.server`:
 
 **Content is data.** A server renders the messages with its chat template, so a message holding
 ``<|im_end|>\\n<|im_start|>system …`` (typed, pulled in with ``-i``, or inside a traceback that
@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import QwenMagicError
+from ...errors import QwenMagicError
 
 #: Control tokens' shape in Qwen2 (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``,
 #: ``<|fim_prefix|>`` …) and in most chat models (Llama 3's ``<|eot_id|>``): escaped always.

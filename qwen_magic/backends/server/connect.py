@@ -30,7 +30,7 @@ request and reads the stream into a queue, while the caller's thread takes piece
 with a short timeout, calling ``on_wait`` between them (a Stop click is seen while the server is
 still reading a long prompt). :meth:`ServerReply.cancel` shuts the connection's socket at once,
 before the server's headers as after them (the socket is known from the moment it connects:
-:mod:`~qwen_magic.server_sockets`): the worker's blocked read returns, and the server sees the
+:mod:`.sockets`): the worker's blocked read returns, and the server sees the
 client leave. Ctrl-C while iterating cancels the same way, joins the worker and re-raises, well
 within a second. Whether the server stops reading a prompt it has begun is its own affair (vLLM,
 SGLang and llama.cpp do; ``transformers serve`` does not): a reply stopped before its first
@@ -40,7 +40,7 @@ token elsewhere gets a :attr:`~ServerReply.note` saying the next reply may start
 the number of pieces.
 
 **Content is data**: every message's content goes out with its control-token strings escaped
-(:mod:`~qwen_magic.server_guards`), so the server's chat template cannot read them as turn
+(:mod:`.guards`), so the server's chat template cannot read them as turn
 markers.
 
 **Options** map to the API's fields: ``max_new_tokens`` → ``max_tokens``, greedy →
@@ -80,18 +80,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .backend import Messages, ReplyStats
-from .encoding import control_strings
-from .errors import ContextTooLong, QwenMagicError
-from .options import GenerationOptions
-from .server_guards import (
+from ...backend import Messages, ReplyStats
+from ...encoding import control_strings
+from ...errors import ContextTooLong, QwenMagicError
+from ...options import GenerationOptions
+from .guards import (
     check_key_variable,
     escaped_messages,
     html_answer_message,
     looks_like_html,
     redact_url,
 )
-from .server_sockets import sending_for, shut_down, track, tracking_client
+from .sockets import sending_for, shut_down, track, tracking_client
 
 #: Where the API key is looked for when no ``api_key_env`` is given, in this order.
 API_KEY_VARIABLES = ("QWEN_MAGIC_API_KEY", "OPENAI_API_KEY")
@@ -157,7 +157,7 @@ def normalize_url(url: str) -> str:
 
     A pasted endpoint (``.../v1/chat/completions``) is trimmed to its base. Anything that is not
     an http(s) URL with a host is a one-line :class:`QwenMagicError`; its messages never show
-    the URL's userinfo or query (:func:`~qwen_magic.server_guards.redact_url`).
+    the URL's userinfo or query (:func:`.guards.redact_url`).
     """
     text = url.strip()
     shown = repr(redact_url(text))
@@ -597,7 +597,7 @@ class ServerReply:
 
     def adopt_socket(self, sock: socket.socket) -> None:
         """The socket this reply's request was just connected on (from
-        :mod:`~qwen_magic.server_sockets`); cut at once if the reply was cancelled already."""
+        :mod:`.sockets`); cut at once if the reply was cancelled already."""
         with self._stream_lock:
             self._socket = sock
             cut = self._cancel.is_set()

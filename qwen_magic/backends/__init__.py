@@ -1,0 +1,1 @@
+"""Backends: what writes a reply. ``server/`` talks to a chat server over the OpenAI API."""
