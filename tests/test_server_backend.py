@@ -1114,3 +1114,20 @@ def test_https_against_a_plain_http_server_says_try_http():
     message = one_line(raised.value)
     assert "try http:// instead" in message
     assert message.lower().count("wrong version number") <= 1 and message.count("SSL") <= 1
+
+
+def test_ctrl_c_before_the_first_token_says_the_server_may_still_be_reading(shell, silent, capsys):
+    """%%qwen interrupted while the server sends nothing ends with KeyboardInterrupt and, under
+    the reply, the note that the server may still be reading the prompt; nothing is recorded."""
+    from qwen_magic.session import current
+
+    shell.run_line_magic("qwen_load", f"--server {silent.url} --context-length 4096")
+    threading.Thread(
+        target=lambda: silent.chat_arrived.wait(10) and _thread.interrupt_main(), daemon=True
+    ).start()
+    with pytest.raises(KeyboardInterrupt):
+        shell.run_cell_magic("qwen", "--view text", "Hello?")
+    assert "may still be reading the prompt" in capsys.readouterr().out
+    assert silent.client_left.wait(1.0)
+    assert len(current().conversations.get("default").turns) == 0
+    shell.run_line_magic("qwen_unload", "")
