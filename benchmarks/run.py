@@ -359,10 +359,10 @@ def bench_server() -> dict:
     only the client's own cost to vary; and time to first token at turns 1, 4 and 8 there."""
     from benchmarks import server as server_bench
     from qwen_magic.backends.kernel.demo_model import ensure_demo_model
+    from qwen_magic.backends.server import ServerBackend
     from qwen_magic.chat import Chat
     from qwen_magic.conversation import ConversationBook
     from qwen_magic.options import GenerationOptions
-    from qwen_magic.server_backend import ServerBackend
     from qwen_magic.testing.serving import ServeProcess, serve_missing
 
     if why := serve_missing():

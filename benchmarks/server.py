@@ -1,4 +1,4 @@
-"""What :class:`~qwen_magic.server_backend.ServerBackend` costs on top of a bare ``openai`` stream.
+"""What :class:`~qwen_magic.backends.server.ServerBackend` costs on top of a bare ``openai`` stream.
 
 The backend reads the server's stream on a worker thread and hands the pieces to the caller's
 thread through a queue (so a Stop click and Ctrl-C work while the server is quiet). This
@@ -43,8 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qwen_magic.backends.server import TRANSFORMERS_SERVE, ServerBackend  # noqa: E402
 from qwen_magic.options import GenerationOptions  # noqa: E402
-from qwen_magic.server_backend import TRANSFORMERS_SERVE, ServerBackend  # noqa: E402
 
 PROMPT = "Write a short paragraph about why unit tests matter."
 NEW_TOKENS = 64

@@ -174,6 +174,7 @@ class Chat:
         except KeyboardInterrupt:
             turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
             shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), footer(reply))
+            self._say_notes(reply)  # e.g. a server still reading the prompt
             raise
         except ContextTooLong:
             raise  # nothing was shown: the caller fits again, or reports it
@@ -186,9 +187,12 @@ class Chat:
         turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=stopped)
         text = _with_note(reply.text, STOPPED_NOTE, why_not) if stopped else reply.text
         shown.finish(text, footer(reply))
-        for note in reply.notes:
-            self.presentation.say(self.presentation.notice_text(note))
+        self._say_notes(reply)
         return turn
+
+    def _say_notes(self, reply: Reply) -> None:
+        for note in getattr(reply, "notes", ()):  # replies of your own may have none
+            self.presentation.say(self.presentation.notice_text(note))
 
     def _footer(self, reply: Reply) -> str:
         return self.presentation.footer(reply.stats, self.backend.info())

@@ -5,7 +5,7 @@ its state in one reloader and jupysql its connections in one manager:
 
 * :attr:`Session.backend`: what writes the replies, a model loaded in this kernel
   (:class:`~qwen_magic.backends.kernel.backend.KernelBackend`) or a model on a server
-  (:class:`~qwen_magic.server_backend.ServerBackend`, :meth:`Session.connect`); one at a time;
+  (:class:`~qwen_magic.backends.server.ServerBackend`, :meth:`Session.connect`); one at a time;
 * :attr:`Session.conversations`: the notebook's named conversations;
 * :attr:`Session.history`: the file they are saved to after each turn, if any.
 

@@ -29,3 +29,15 @@ def start(messages: list[dict[str, str]], options: Any = None, **kwargs: Any) ->
 
     backend = qwen_magic.current_session().require_backend()
     return backend.start(messages, options or GenerationOptions(), **kwargs)
+
+
+def texts(reply: Any, on_wait: Any = None) -> Any:
+    """Iterate ``reply``'s text pieces (its ``TextDelta`` events), calling ``on_wait`` at each
+    ``Waiting`` event, as a view's ``wait`` would be."""
+    from qwen_magic.backends.base import TextDelta, Waiting
+
+    for event in reply:
+        if isinstance(event, TextDelta):
+            yield event.text
+        elif isinstance(event, Waiting) and on_wait is not None:
+            on_wait()

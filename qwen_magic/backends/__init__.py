@@ -4,7 +4,7 @@
   :class:`~qwen_magic.backends.base.Backend` and :class:`~qwen_magic.backends.base.Reply`
   protocols and the one threaded reply every backend shares;
 * :mod:`~qwen_magic.backends.kernel` — a model in this kernel, with ``transformers``;
-* :mod:`qwen_magic.server_backend` — a model on an OpenAI-compatible server;
+* :mod:`~qwen_magic.backends.server` — a model on an OpenAI-compatible server;
 * :mod:`~qwen_magic.backends.scripted` — replies written in advance, for tests and dry runs.
 
 The session never imports a concrete backend. It asks this registry for a *request* of a kind
@@ -38,7 +38,7 @@ class BackendRequest(Protocol):
 #: kind -> "module:function" making a BackendRequest; imported only when asked for.
 _FACTORIES: dict[str, str] = {
     "kernel": "qwen_magic.backends.kernel.backend:request",
-    "server": "qwen_magic.server_backend:request",
+    "server": "qwen_magic.backends.server.connect:request",
 }
 
 

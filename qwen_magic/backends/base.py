@@ -4,7 +4,7 @@ A *backend* turns typed chat messages into a streamed reply. The chat layer
 (:class:`qwen_magic.chat.Chat`) talks to nothing else, so the same conversations, views, magics
 and history files work whether the model runs in this kernel
 (:class:`~qwen_magic.backends.kernel.backend.KernelBackend`, ``transformers``), on a server that
-speaks the OpenAI chat-completions API (:class:`~qwen_magic.server_backend.ServerBackend`: vLLM,
+speaks the OpenAI chat-completions API (:class:`~qwen_magic.backends.server.ServerBackend`: vLLM,
 SGLang, ``transformers serve``), or is a script (:class:`~qwen_magic.backends.scripted.
 ScriptedBackend`, for tests and dry runs).
 
@@ -234,6 +234,11 @@ class ThreadedReply:
 
     #: How long the reading side waits for text before it yields :data:`WAITING`.
     poll_seconds = 0.05
+    #: How long a *cancelled* reply waits for its worker (None: until it ends). A backend whose
+    #: work can block where no cancel reaches it (a TCP connect) sets a bound.
+    join_seconds: float | None = None
+    #: Whether an explained error keeps the worker's as its cause (a server's may quote a key).
+    chain_errors = True
 
     def __init__(self, stats: ReplyStats | None = None) -> None:
         self.text = ""
@@ -361,7 +366,10 @@ class ThreadedReply:
                 if held is not None:
                     raise held
             if self.error is not None:
-                raise self._explain(self.error) from self.error
+                explained = self._explain(self.error)
+                if explained is self.error:
+                    raise explained
+                raise explained from (self.error if self.chain_errors else None)
             self._finish()
         yield ReplyEnd(self.stats.stop_reason, self.stats)
 
@@ -388,9 +396,14 @@ class ThreadedReply:
         """Wait until the worker has ended (cancelled if the cell is being left early).
         Interrupts arriving meanwhile cancel again and are held; the first is returned."""
         held: BaseException | None = None
+        deadline: float | None = None
         while not self._done.is_set():
+            if self.cancelled and self.join_seconds is not None:
+                deadline = deadline or time.perf_counter() + self.join_seconds
+                if time.perf_counter() >= deadline:
+                    return held  # the worker holds nothing and ends by itself
             try:
-                self._done.wait()
+                self._done.wait(None if deadline is None else 0.05)
             except KeyboardInterrupt as interrupt:
                 self.cancel()
                 held = held or interrupt

@@ -21,6 +21,7 @@ from IPython.core.magic_arguments import argument, argument_group, magic_argumen
 from qwen_magic import session as kernel_session
 from qwen_magic.backends.kernel import loading
 from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
+from qwen_magic.backends.server.guards import redact_url
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import DEFAULT_NAME
 from qwen_magic.errors import QwenMagicError
@@ -191,7 +192,8 @@ class QwenMagics(MagicsSettings):
                 "its model already, so leave them out with --server."
             )
         if not args.server:
-            say(f"Connecting to {server} (from QwenMagics.server or ${SERVER_ENV_VAR}).")
+            shown = redact_url(server)
+            say(f"Connecting to {shown} (from QwenMagics.server or ${SERVER_ENV_VAR}).")
         backend, fresh = self.session.connect(
             server,
             args.model,

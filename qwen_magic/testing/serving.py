@@ -107,3 +107,81 @@ class ServeProcess:
             return self.log_path.read_text(errors="replace")[-characters:]
         except OSError:
             return "(no log)"
+
+
+class SilentServer:
+    """A stand-in server on 127.0.0.1 that lists one model, then accepts chat requests and never
+    answers them: a server that hangs, or one that sends no headers until its first token.
+
+    ``chat_arrived`` is set when a chat request has come; ``client_left`` when its connection is
+    closed by the client (``recv`` returns nothing), ``left_at`` saying when.
+    """
+
+    MODELS = b'{"object": "list", "data": [{"id": "silent/model", "object": "model"}]}'
+
+    def __init__(self) -> None:
+        import threading
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.chat_arrived = threading.Event()
+        self.client_left = threading.Event()
+        self.left_at: float | None = None
+        self.bodies: list[bytes] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            worker = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self._threads.append(worker)
+            worker.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                if not (data := connection.recv(65536)):
+                    return
+                request += data
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                body += connection.recv(65536)
+            if b" /v1/models " in head.split(b"\r\n")[0]:
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(self.MODELS)
+                    + self.MODELS
+                )
+                return
+            self.bodies.append(body)
+            self.chat_arrived.set()
+            connection.settimeout(30)
+            try:
+                while connection.recv(65536):  # the client's FIN (or a reset) ends this
+                    pass
+            except TimeoutError:
+                return  # the client never left
+            except OSError:
+                pass
+            self.left_at = time.perf_counter()
+            self.client_left.set()
+
+    def close(self) -> None:
+        self._listener.close()
