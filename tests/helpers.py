@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+#: The pytest item running now (set by conftest), so the kernel and server harnesses can check
+#: its tier marker; None outside pytest (the benchmarks use the harnesses too).
+running_test: Any = None
+
+#: Models loaded once for many tests by :func:`load_aside` (alive while their fixture is).
+#: (Weak references: a LoadedModel is an unhashable dataclass, so no WeakSet.)
+shared_models: list[weakref.ref] = []
+
+
+def require_marker(name: str, what: str) -> None:
+    """Fail the running test if it starts ``what`` without the ``name`` marker (its tier)."""
+    import pytest
+
+    if running_test is not None and running_test.get_closest_marker(name) is None:
+        pytest.fail(f"{running_test.nodeid} starts {what} but is not marked {name}", pytrace=False)
+
+
+def release_session() -> None:
+    """End the kernel's session as a test's clean-up. A shared model stays alive for the next
+    test, so its backend is dropped without ``release()``'s ``gc.collect()`` (nothing big is
+    freed); any other backend is closed as ``%qwen_unload`` would."""
+    from qwen_magic import _state
+
+    session = _state.session
+    if session is not None:
+        loaded = getattr(session.backend, "loaded", None)
+        if loaded is not None and any(loaded is ref() for ref in shared_models):
+            session.backend = None
+        else:
+            session.release()
+    _state.session = None
 
 
 def spy_on_generate(loaded: Any, monkeypatch: Any) -> list[dict]:
@@ -35,7 +68,9 @@ def load_aside(spec: str, **options: Any) -> Any:
     others)."""
     from qwen_magic import loading
 
-    return loading.load_model(loading.model_spec(spec, **options), progress=None)
+    loaded = loading.load_model(loading.model_spec(spec, **options), progress=None)
+    shared_models.append(weakref.ref(loaded))
+    return loaded
 
 
 def install(session: Any, loaded: Any) -> Any:

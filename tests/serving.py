@@ -52,6 +52,9 @@ class ServeProcess:
 
     def start(self) -> ServeProcess:
         """Start the server (same port as before) and wait until it answers ``/health``."""
+        from .helpers import require_marker
+
+        require_marker("server", "transformers serve")
         command = [
             sys.executable,
             "-m",

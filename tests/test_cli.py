@@ -12,6 +12,7 @@ import pytest
 from qwen_magic.__main__ import main
 
 
+@pytest.mark.demo
 def test_prepare_demo_reports_the_ready_folder(demo_path, capsys):
     """prepare-demo on a cached model says where it is, without rebuilding."""
     assert main(["prepare-demo"]) == 0

@@ -237,6 +237,7 @@ def test_missing_part_package_says_how_to_install(empty_package, tmp_path, monke
 # -- what counts as a finished folder ----------------------------------------------------------
 
 
+@pytest.mark.demo
 def test_real_demo_folder_is_complete(demo_path):
     """The real converted demo folder is complete and its manifest lists the converted files."""
     assert demo_path == demo_dir()
@@ -252,6 +253,7 @@ def test_real_demo_folder_is_complete(demo_path):
     assert not any(name.startswith(".build-") for name in map(str, demo_path.parent.iterdir()))
 
 
+@pytest.mark.demo
 def test_real_cache_is_reused_without_building(demo_path, monkeypatch):
     """ensure_demo_model() on the complete real cache returns it at once and builds nothing."""
     forbid_building(monkeypatch)
@@ -306,6 +308,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+@pytest.mark.demo
 def test_damaged_folder_is_not_complete(damage, demo_path, tmp_path):
     """A folder whose manifest is missing, invalid or does not match its files is incomplete."""
     folder = stand_in(demo_path, tmp_path / "copy")
@@ -336,6 +339,7 @@ def test_write_manifest_records_every_file_but_itself(tmp_path):
 # -- building: once, atomically, serialised ----------------------------------------------------
 
 
+@pytest.mark.demo
 def test_complete_folder_is_returned_without_building(demo_path, tmp_path, monkeypatch):
     """ensure_demo_model on a complete folder returns it at once: nothing assembled or converted."""
     root = tmp_path / "cache"
@@ -346,6 +350,7 @@ def test_complete_folder_is_returned_without_building(demo_path, tmp_path, monke
     assert said == []
 
 
+@pytest.mark.demo
 def test_env_var_chooses_the_cache(demo_path, tmp_path, monkeypatch):
     """With $QWEN_MAGIC_CACHE set, ensure_demo_model() uses that root."""
     root = tmp_path / "env-cache"
@@ -372,6 +377,7 @@ def test_empty_cache_is_built_once(tmp_path, monkeypatch):
     assert len(fake.converted) == 1
 
 
+@pytest.mark.demo
 def test_damaged_folder_is_rebuilt(demo_path, tmp_path, monkeypatch):
     """A folder whose listed file has the wrong size is rebuilt and replaced whole."""
     root = tmp_path / "cache"
@@ -422,6 +428,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert is_complete(ensure_demo_model(root, lambda _message: None))
 
 
+@pytest.mark.demo
 def test_failed_rebuild_keeps_the_old_folder_incomplete(demo_path, tmp_path, monkeypatch):
     """A failed rebuild leaves the damaged folder as it was (incomplete) and no temp folder."""
     root = tmp_path / "cache"

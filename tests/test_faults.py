@@ -532,6 +532,7 @@ def test_concurrent_saves_from_two_processes_lose_no_turn(tmp_path):
     assert [u for u in saved if u.startswith("a")] == [f"a{i}" for i in range(40)]
 
 
+@pytest.mark.kernel
 def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path, tmp_path):
     """Two kernels on one notebook (two browser tabs) each chat; the history file ends with
     every turn of both, and the second kernel's output says it kept the first's."""

@@ -26,7 +26,7 @@ from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 from qwen_magic.session import current as session
 
-from .helpers import install, load_aside
+from .helpers import install
 
 CPU = "--device cpu"
 
@@ -79,10 +79,10 @@ def spy_from_pretrained(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def tiny_once(tiny_model_path):
-    """The tiny model loaded once for this module (reading its tokenizer takes over a second)."""
-    return load_aside(str(tiny_model_path), device="cpu")  # tests install it through `kept`
+@pytest.fixture
+def tiny_once(tiny_loaded_once):
+    """The session's tiny model (tests install it through `kept`)."""
+    return tiny_loaded_once
 
 
 @pytest.fixture

@@ -402,6 +402,7 @@ def last_message(k) -> str:
     return k.value("__import__('qwen_magic').Chat().conversation().turns[-1].user")
 
 
+@pytest.mark.kernel
 def test_in_a_kernel_the_error_cells_and_code_work(tiny_model_path):
     """In a real kernel, %qwen_error finds the failed cell, -i reads In[n] and Out[n], and
     --code sends a set_next_input payload (what JupyterLab turns into a new cell below), not

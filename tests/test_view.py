@@ -7,6 +7,8 @@ import io
 import sys
 import time
 
+import pytest
+
 from qwen_magic.chat import STOPPED_NOTE, Chat
 from qwen_magic.comm_pump import CommPump, ipykernel_supported
 from qwen_magic.options import GenerationOptions
@@ -178,6 +180,7 @@ KERNEL_CELLS = """
 """
 
 
+@pytest.mark.kernel
 def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
     """In a real kernel, %%qwen sends the Output widget several state updates with growing text."""
     from jupyter_client.manager import start_new_kernel
@@ -226,6 +229,7 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
         manager.shutdown_kernel(now=True)
 
 
+@pytest.mark.kernel
 def test_stop_click_is_handled_while_the_cell_runs_and_queued_cells_keep_their_order(
     tiny_model_path,
 ):
