@@ -38,7 +38,7 @@ from .options import GenerationOptions
 from .session import Session
 from .session import current as current_session
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
 __all__ = [
     "Backend",
     "Chat",
