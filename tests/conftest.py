@@ -87,6 +87,14 @@ def tiny(fresh_state, tiny_loaded_once):
 
 
 @pytest.fixture
+def scripted(fresh_state):
+    """A :class:`~tests.helpers.ScriptedBackend` as the kernel's backend, every reply "A scripted
+    reply.": for what happens around a reply (files, history, the magics' mechanics), where the
+    words and the generating are not the subject."""
+    return fresh_state.use(helpers.ScriptedBackend(otherwise="A scripted reply."))
+
+
+@pytest.fixture
 def own_tiny(fresh_state, tiny_model_path: Path):
     """A tiny model of this test's own, loaded fresh, for a test that changes it for good
     (a compiled decoding step stays with its model)."""

@@ -123,12 +123,15 @@ class ScriptedReply:
 
 class ScriptedBackend:
     """A :class:`~qwen_magic.backend.Backend` whose replies are given in advance (one "token"
-    a word): for the mechanics that need a reply's words, such as its code blocks."""
+    a word): for the mechanics that need a reply's words, such as its code blocks, or that need
+    only some reply (saving, exporting, the magics' options). Once ``replies`` are used up, every
+    reply is ``otherwise`` (None: no more replies, an IndexError)."""
 
     name = "scripted"
 
-    def __init__(self, *replies: str) -> None:
+    def __init__(self, *replies: str, otherwise: str | None = None) -> None:
         self.replies = list(replies)
+        self.otherwise = otherwise
         self.prompts: list[list[dict[str, str]]] = []
 
     def summary(self) -> str:
@@ -148,7 +151,8 @@ class ScriptedBackend:
 
     def start(self, messages: list[dict[str, str]], options: Any, **kwargs: Any) -> ScriptedReply:
         self.prompts.append(messages)
-        return ScriptedReply(self.replies.pop(0), options.max_new_tokens)
+        text = self.replies.pop(0) if self.replies or self.otherwise is None else self.otherwise
+        return ScriptedReply(text, options.max_new_tokens)
 
     def forget_conversations(self) -> None:
         pass
