@@ -145,6 +145,7 @@ def test_part_paths_are_the_six_installed_parts_in_order():
     assert sum(p.stat().st_size for p in paths) == GGUF_SIZE
 
 
+@pytest.mark.slow
 def test_assemble_gguf_writes_the_verified_file(tmp_path):
     """assemble_gguf writes the 491 MB GGUF with the pinned sha256 and reports the check."""
     destination = tmp_path / "model.gguf"
@@ -178,6 +179,7 @@ def _cut_short(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_flip_one_byte, _cut_short], ids=["flipped byte", "cut short"])
+@pytest.mark.slow
 def test_damaged_part_is_refused_and_the_file_removed(damage, tmp_path, monkeypatch):
     """A part with one wrong byte (or one missing) fails the checksum: UsageError, no file left."""
     real = part_paths()
