@@ -94,6 +94,24 @@ def scripted(fresh_state):
     return fresh_state.use(helpers.ScriptedBackend(otherwise="A scripted reply."))
 
 
+@pytest.fixture(scope="session")
+def tiny_with_qwen_tokenizer_path(
+    tmp_path_factory: pytest.TempPathFactory, demo_path: Path
+) -> Path:
+    """The tiny model with Qwen's real tokenizer (the demo model's, so the demo tier), for a test
+    that depends on how much text a real token holds."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-qwen2-qwen-tokenizer"
+    return save_tiny_model(folder, tokenizer_from=demo_path)
+
+
+@pytest.fixture
+def tiny_with_qwen_tokenizer(fresh_state, tiny_with_qwen_tokenizer_path: Path):
+    """That model loaded as the kernel's model."""
+    path = str(tiny_with_qwen_tokenizer_path)
+    loaded, _fresh = fresh_state.load_model(path, device="cpu", progress=None)
+    return loaded
+
+
 @pytest.fixture
 def own_tiny(fresh_state, tiny_model_path: Path):
     """A tiny model of this test's own, loaded fresh, for a test that changes it for good

@@ -81,6 +81,7 @@ def test_conversations_survive_a_kernel_restart(tiny_model_path, tmp_path):
         assert second.value(f"{turns}[0].assistant") == reply
 
 
+@pytest.mark.slow
 def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     """A 200-turn session leaves no threads, keeps RSS flat and every prompt inside the context."""
     chat = Chat(book=ConversationBook())

@@ -77,12 +77,17 @@ def save_tiny_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """Write the tiny random Qwen2 (seed 0, float32) and its tokenizer into ``folder``."""
+def save_tiny_model(folder: Path, tokenizer_from: Path | None = None) -> Path:
+    """Write the tiny random Qwen2 (seed 0, float32) and its tokenizer into ``folder``: the
+    small trained one, or the tokenizer of the model folder ``tokenizer_from`` (e.g. Qwen's own,
+    from the demo model, for a test that depends on how many characters a real token holds)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    save_tiny_tokenizer(folder)
+    if tokenizer_from is None:
+        save_tiny_tokenizer(folder)
+    else:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
