@@ -68,6 +68,22 @@ def tiny_loaded_once(tiny_model_path: Path):
     return load_aside(str(tiny_model_path), device="cpu")
 
 
+def tiny_fingerprint(loaded) -> tuple:
+    """What a test could change on the shared tiny model and forget to put back."""
+    model = loaded.model
+    return (
+        model.generation_config.to_dict(),
+        loaded.tokenizer.chat_template,
+        sorted(name for name in vars(model) if not name.startswith("_")),  # patched methods
+        model.training,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_as_loaded(tiny_loaded_once) -> tuple:
+    return tiny_fingerprint(tiny_loaded_once)
+
+
 @pytest.fixture
 def fresh_state():
     """Each test starts with a new kernel session (no model, no conversations, no history
@@ -81,8 +97,11 @@ def fresh_state():
 
 
 @pytest.fixture
-def tiny(fresh_state, tiny_loaded_once):
-    """The tiny model installed as the kernel's model, with new caches, as if just loaded."""
+def tiny(fresh_state, tiny_loaded_once, tiny_as_loaded):
+    """The tiny model installed as the kernel's model, with new caches, as if just loaded.
+    Shared by the session: a test changes it only with ``monkeypatch`` (checked here)."""
+    if tiny_fingerprint(tiny_loaded_once) != tiny_as_loaded:
+        pytest.fail("an earlier test changed the shared tiny model without monkeypatch")
     return install(fresh_state, tiny_loaded_once)
 
 
