@@ -1,4 +1,5 @@
-# qwen_magic: `make demo` chats with the model, `make test` runs every check.
+# qwen_magic: `make demo` chats with the model, `make test` runs every check, `make test-fast` the
+# unit tier (minutes, no demo model needed).
 # Both start from a fresh clone: they make a virtual environment in .venv and install into it.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 # bench-gpu's Python: the .venv's where there is one, else the machine's python3 (a GPU image).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
-.PHONY: install demo-model demo lab serve test lint format bench bench-gpu gpu-wheels browser-deps clean
+.PHONY: install demo-model demo lab serve test test-fast lint format bench bench-gpu gpu-wheels browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,9 +59,17 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install browser-deps demo-model lint  ## unit tests, notebooks (nbval), browser test
-	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval-lax notebooks
+# The tiers are pytest markers (pyproject.toml): the unit tier is every test without one.
+UNIT_TIER := not kernel and not server and not browser and not demo and not slow
+PYTEST := $(BIN)/python -m pytest -q --durations=15
+
+test-fast: install lint  ## the unit tier: the tiny model and scripted replies only
+	$(PYTEST) -m "$(UNIT_TIER)" tests
+
+test: install browser-deps demo-model lint  ## every tier: unit, then real kernels, servers, demo model, browser; then notebooks (nbval)
+	$(PYTEST) -m "$(UNIT_TIER)" tests
+	$(PYTEST) -m "not ($(UNIT_TIER))" tests
+	$(PYTEST) --nbval-lax notebooks
 
 bench: demo-model  ## speed and memory, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py

@@ -44,7 +44,7 @@ from qwen_magic.session import current as current_session
 # The composition root: a Chat made from plain Python shows its replies as the notebook does.
 set_default_presentation(report.NOTEBOOK)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
 __all__ = [
     "Backend",
     "Chat",

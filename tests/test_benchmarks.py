@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.demo
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_every_row(tmp_path, demo_path):
     benchmarks = ROOT / "BENCHMARKS.md"
     before = benchmarks.read_text()
@@ -53,6 +55,8 @@ def test_gpu_benchmark_smoke_runs_every_row(tmp_path, demo_path):
     assert section.startswith("## GPU") and "| %%qwen --fast, follow-up turn | sdpa |" in section
 
 
+@pytest.mark.demo
+@pytest.mark.slow
 def test_gpu_benchmark_runs_without_ipython(tmp_path, demo_path):
     """The GPU machines' Python has torch and transformers but no IPython: the script still runs
     every row (it stands in for the one thing qwen_magic needs from IPython, UsageError)."""

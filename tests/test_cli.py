@@ -12,12 +12,14 @@ import pytest
 from qwen_magic.__main__ import main
 
 
+@pytest.mark.demo
 def test_prepare_demo_reports_the_ready_folder(demo_path, capsys):
     """prepare-demo on a cached model says where it is, without rebuilding."""
     assert main(["prepare-demo"]) == 0
     assert str(demo_path) in capsys.readouterr().out
 
 
+@pytest.mark.kernel
 def test_run_notebook_prints_each_question_and_reply(tiny_model_path, tmp_path, capsys):
     """run-notebook executes a notebook in a real kernel and prints the %%qwen exchange."""
     notebook = nbformat.v4.new_notebook()

@@ -145,6 +145,7 @@ def test_part_paths_are_the_six_installed_parts_in_order():
     assert sum(p.stat().st_size for p in paths) == GGUF_SIZE
 
 
+@pytest.mark.slow
 def test_assemble_gguf_writes_the_verified_file(tmp_path):
     """assemble_gguf writes the 491 MB GGUF with the pinned sha256 and reports the check."""
     destination = tmp_path / "model.gguf"
@@ -178,6 +179,7 @@ def _cut_short(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_flip_one_byte, _cut_short], ids=["flipped byte", "cut short"])
+@pytest.mark.slow
 def test_damaged_part_is_refused_and_the_file_removed(damage, tmp_path, monkeypatch):
     """A part with one wrong byte (or one missing) fails the checksum: UsageError, no file left."""
     real = part_paths()
@@ -237,6 +239,7 @@ def test_missing_part_package_says_how_to_install(empty_package, tmp_path, monke
 # -- what counts as a finished folder ----------------------------------------------------------
 
 
+@pytest.mark.demo
 def test_real_demo_folder_is_complete(demo_path):
     """The real converted demo folder is complete and its manifest lists the converted files."""
     assert demo_path == demo_dir()
@@ -252,6 +255,7 @@ def test_real_demo_folder_is_complete(demo_path):
     assert not any(name.startswith(".build-") for name in map(str, demo_path.parent.iterdir()))
 
 
+@pytest.mark.demo
 def test_real_cache_is_reused_without_building(demo_path, monkeypatch):
     """ensure_demo_model() on the complete real cache returns it at once and builds nothing."""
     forbid_building(monkeypatch)
@@ -306,6 +310,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+@pytest.mark.demo
 def test_damaged_folder_is_not_complete(damage, demo_path, tmp_path):
     """A folder whose manifest is missing, invalid or does not match its files is incomplete."""
     folder = stand_in(demo_path, tmp_path / "copy")
@@ -336,6 +341,7 @@ def test_write_manifest_records_every_file_but_itself(tmp_path):
 # -- building: once, atomically, serialised ----------------------------------------------------
 
 
+@pytest.mark.demo
 def test_complete_folder_is_returned_without_building(demo_path, tmp_path, monkeypatch):
     """ensure_demo_model on a complete folder returns it at once: nothing assembled or converted."""
     root = tmp_path / "cache"
@@ -346,6 +352,7 @@ def test_complete_folder_is_returned_without_building(demo_path, tmp_path, monke
     assert said == []
 
 
+@pytest.mark.demo
 def test_env_var_chooses_the_cache(demo_path, tmp_path, monkeypatch):
     """With $QWEN_MAGIC_CACHE set, ensure_demo_model() uses that root."""
     root = tmp_path / "env-cache"
@@ -372,6 +379,7 @@ def test_empty_cache_is_built_once(tmp_path, monkeypatch):
     assert len(fake.converted) == 1
 
 
+@pytest.mark.demo
 def test_damaged_folder_is_rebuilt(demo_path, tmp_path, monkeypatch):
     """A folder whose listed file has the wrong size is rebuilt and replaced whole."""
     root = tmp_path / "cache"
@@ -422,6 +430,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert is_converted(ensure_demo_model(root, lambda _message: None))
 
 
+@pytest.mark.demo
 def test_failed_rebuild_keeps_the_old_folder_incomplete(demo_path, tmp_path, monkeypatch):
     """A failed rebuild leaves the damaged folder as it was (incomplete) and no temp folder."""
     root = tmp_path / "cache"

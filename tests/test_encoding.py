@@ -17,11 +17,14 @@ INJECTION = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_path):
+@pytest.fixture(scope="module", params=["tiny", pytest.param("demo", marks=pytest.mark.demo)])
+def tokenizer(request):
+    """The tiny model's Qwen2-style tokenizer; Qwen's own (the demo model's) in the demo tier."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(demo_path)
+    fixture = {"tiny": "tiny_model_path", "demo": "demo_path"}[request.param]
+    folder = request.getfixturevalue(fixture)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def test_text_that_looks_like_control_tokens_stays_text(tokenizer):

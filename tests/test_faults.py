@@ -5,7 +5,8 @@ Where the machine allows, each fault is the real condition, not a stand-in: an i
 file, a symbolic link, two processes or two kernels on one file. The tests run as root, which
 ignores permission bits, so a plain ``chmod`` would prove nothing; where a condition cannot be
 made (no ``chattr``, no mount rights) the test says so and patches the failing call instead, or
-skips.
+skips. The replies come from a scripted backend (``scripted``): the files are the subject here,
+not the generating; two real kernels on one file run the tiny model.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def valid_payload() -> dict:
 
 
 def test_an_unwritable_history_keeps_turns_warns_once_and_resumes(
-    shell, tiny, notebook, capsys, monkeypatch
+    shell, scripted, notebook, capsys, monkeypatch
 ):
     """An immutable history file (chattr +i) costs no cell: turns stay in memory, one warning
     line is shown once, and saving resumes, saying so once, when the file is writable again."""
@@ -150,7 +151,7 @@ def test_an_unwritable_history_keeps_turns_warns_once_and_resumes(
 
 
 def test_a_read_only_notebook_folder_pauses_autosave_without_failing_cells(
-    shell, tiny, notebook, capsys
+    shell, scripted, notebook, capsys
 ):
     """With the notebook's folder mounted read-only, cells succeed, one warning names the
     read-only file system, and the first turn after the remount writes every turn."""
@@ -253,7 +254,7 @@ def test_a_wrongly_typed_history_is_refused_in_one_line_naming_the_entry(tmp_pat
     assert path.read_bytes() == before
 
 
-def test_restore_of_a_wrongly_typed_file_changes_nothing(shell, tiny, tmp_path):
+def test_restore_of_a_wrongly_typed_file_changes_nothing(shell, scripted, tmp_path):
     """%qwen_restore of a file with "user": null is refused in one line; the kernel keeps its
     conversations and the file its bytes."""
     ask(shell, "mine")
@@ -268,7 +269,7 @@ def test_restore_of_a_wrongly_typed_file_changes_nothing(shell, tiny, tmp_path):
 
 
 def test_load_ext_refuses_a_wrongly_typed_history_and_never_overwrites_it(
-    shell, tiny, notebook, capsys
+    shell, scripted, notebook, capsys
 ):
     """The restore at %load_ext refuses a history whose stats are not an object: nothing is
     restored, one line says which entry, and later turns leave the file as it was."""
@@ -309,7 +310,9 @@ def test_the_checked_fields_are_exactly_the_turns_fields():
 
 
 @pytest.mark.parametrize("victim", ["analysis.ipynb", "analysis.qwen.json", "notes.md"])
-def test_export_refuses_to_overwrite_a_file_that_is_not_an_export(shell, tiny, tmp_path, victim):
+def test_export_refuses_to_overwrite_a_file_that_is_not_an_export(
+    shell, scripted, tmp_path, victim
+):
     """%qwen_export onto a notebook, a history or a hand-written note is refused in one line
     that mentions --force, and the file keeps its bytes."""
     ask(shell, "hi")
@@ -321,7 +324,7 @@ def test_export_refuses_to_overwrite_a_file_that_is_not_an_export(shell, tiny, t
     assert path.read_text() == '{"cells": []}'
 
 
-def test_export_overwrites_its_own_exports_and_anything_with_force(shell, tiny, tmp_path):
+def test_export_overwrites_its_own_exports_and_anything_with_force(shell, scripted, tmp_path):
     """An earlier export or an empty file is replaced without asking; another file only with
     --force."""
     ask(shell, "hi")
@@ -341,7 +344,7 @@ def test_export_overwrites_its_own_exports_and_anything_with_force(shell, tiny, 
     assert "again" in empty.read_text()
 
 
-def test_writes_keep_an_existing_mode_and_new_files_follow_the_umask(shell, tiny, tmp_path):
+def test_writes_keep_an_existing_mode_and_new_files_follow_the_umask(shell, scripted, tmp_path):
     """%qwen_export and %qwen_save keep an existing file's mode (0664 stays 0664), and a new
     file gets 0666 less the umask (0640 under umask 027), not mkstemp's 0600."""
     ask(shell, "hi")
@@ -361,7 +364,7 @@ def test_writes_keep_an_existing_mode_and_new_files_follow_the_umask(shell, tiny
     assert stat.S_IMODE((tmp_path / "new.qwen.json").stat().st_mode) == 0o664
 
 
-def test_the_autosaved_history_gets_the_umask_mode(shell, tiny, notebook):
+def test_the_autosaved_history_gets_the_umask_mode(shell, scripted, notebook):
     """The history file autosave creates beside the notebook is 0644 under umask 022."""
     old_mask = os.umask(0o022)
     try:
@@ -371,7 +374,7 @@ def test_the_autosaved_history_gets_the_umask_mode(shell, tiny, notebook):
     assert stat.S_IMODE(history(notebook).stat().st_mode) == 0o644
 
 
-def test_writing_to_a_symlink_writes_through_to_its_target(shell, tiny, notebook, tmp_path):
+def test_writing_to_a_symlink_writes_through_to_its_target(shell, scripted, notebook, tmp_path):
     """A history file or export that is a symbolic link stays a link; the file it names gets
     the new content (and its own mode)."""
     synced = tmp_path / "synced"
@@ -398,7 +401,7 @@ def test_writing_to_a_symlink_writes_through_to_its_target(shell, tiny, notebook
 # -- 6. autosave resumes after a refused file is moved aside -------------------------------------
 
 
-def test_autosave_resumes_once_a_corrupt_history_is_moved_aside(shell, tiny, notebook, capsys):
+def test_autosave_resumes_once_a_corrupt_history_is_moved_aside(shell, scripted, notebook, capsys):
     """After the refused file is moved aside, as the message advises, the next turn saves every
     turn again and says so once."""
     path = history(notebook)
@@ -414,7 +417,7 @@ def test_autosave_resumes_once_a_corrupt_history_is_moved_aside(shell, tiny, not
     assert saved_users(path) == ["one", "two", "three"]
 
 
-def test_autosave_resumes_when_the_file_is_a_history_again(shell, tiny, notebook):
+def test_autosave_resumes_when_the_file_is_a_history_again(shell, scripted, notebook):
     """A refused file replaced by a valid history is merged with, not overwritten: its turns
     stay and autosave goes on."""
     path = history(notebook)
@@ -426,7 +429,7 @@ def test_autosave_resumes_when_the_file_is_a_history_again(shell, tiny, notebook
     assert set(saved_users(path)) == {"restored by hand", "mine", "mine again"}
 
 
-def test_qwen_save_to_the_notebook_file_clears_the_refusal(shell, tiny, notebook, capsys):
+def test_qwen_save_to_the_notebook_file_clears_the_refusal(shell, scripted, notebook, capsys):
     """%qwen_save with no file, once the bad file is gone, writes the notebook's history and
     ends the refusal; while it is there, it is refused in one line and kept."""
     path = history(notebook)
@@ -443,7 +446,7 @@ def test_qwen_save_to_the_notebook_file_clears_the_refusal(shell, tiny, notebook
     assert saved_users(path) == ["one"]
 
 
-def test_a_truncated_history_is_refused_and_never_overwritten(shell, tiny, notebook):
+def test_a_truncated_history_is_refused_and_never_overwritten(shell, scripted, notebook):
     """A history cut short (a killed process) is refused with one line at %load_ext, and turns
     after it leave it byte for byte as it was."""
     path = history(notebook)
@@ -533,6 +536,7 @@ def test_concurrent_saves_from_two_processes_lose_no_turn(tmp_path):
     assert [u for u in saved if u.startswith("a")] == [f"a{i}" for i in range(40)]
 
 
+@pytest.mark.kernel
 def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path, tmp_path):
     """Two kernels on one notebook (two browser tabs) each chat; the history file ends with
     every turn of both, and the second kernel's output says it kept the first's."""
@@ -558,7 +562,7 @@ def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path
 
 
 @pytest.mark.parametrize("magic", ["qwen_save", "qwen_export", "qwen_restore"])
-def test_a_folder_as_the_file_is_one_line_saying_what_to_give(shell, tiny, tmp_path, magic):
+def test_a_folder_as_the_file_is_one_line_saying_what_to_give(shell, scripted, tmp_path, magic):
     """%qwen_save, %qwen_export and %qwen_restore given a folder say, in one line, to give a
     file name in it; nothing is written."""
     ask(shell, "hi")
@@ -571,7 +575,9 @@ def test_a_folder_as_the_file_is_one_line_saying_what_to_give(shell, tiny, tmp_p
 
 
 @pytest.mark.parametrize("magic", ["qwen_save", "qwen_export"])
-def test_a_missing_folder_is_created_one_level_deep_and_said(shell, tiny, tmp_path, magic, capsys):
+def test_a_missing_folder_is_created_one_level_deep_and_said(
+    shell, scripted, tmp_path, magic, capsys
+):
     """A missing parent folder is created (and the message names it); two missing levels are
     refused in one line naming the first missing folder, creating nothing."""
     ask(shell, "hi")
@@ -586,7 +592,7 @@ def test_a_missing_folder_is_created_one_level_deep_and_said(shell, tiny, tmp_pa
 
 
 @pytest.mark.parametrize("magic", ["qwen_save", "qwen_export"])
-def test_saving_into_a_read_only_folder_is_one_line(shell, tiny, tmp_path, magic):
+def test_saving_into_a_read_only_folder_is_one_line(shell, scripted, tmp_path, magic):
     """Into a read-only mount, %qwen_save and %qwen_export fail in one line naming the cause,
     with no traceback-worthy OSError and nothing left behind."""
     ask(shell, "hi")
@@ -598,7 +604,7 @@ def test_saving_into_a_read_only_folder_is_one_line(shell, tiny, tmp_path, magic
     assert list(folder.iterdir()) == []
 
 
-def test_saving_onto_an_immutable_file_is_one_line(shell, tiny, tmp_path, monkeypatch):
+def test_saving_onto_an_immutable_file_is_one_line(shell, scripted, tmp_path, monkeypatch):
     """%qwen_save over an immutable history (chattr +i) fails in one line; the file is kept."""
     ask(shell, "hi")
     path = tmp_path / "h.qwen.json"
@@ -662,7 +668,7 @@ def test_a_large_history_autosaves_without_rereading_its_own_file(tmp_path, monk
         ("x" * 201, "longer than 200"),
     ],
 )
-def test_odd_conversation_names_are_refused_in_one_line(shell, tiny, name, problem):
+def test_odd_conversation_names_are_refused_in_one_line(shell, scripted, name, problem):
     """-c with an empty, padded, multi-line or overlong name is one line saying so; nothing is
     added to the book."""
     with pytest.raises(UsageError) as error:
@@ -674,7 +680,7 @@ def test_odd_conversation_names_are_refused_in_one_line(shell, tiny, name, probl
     assert name not in session().conversations.conversations
 
 
-def test_names_with_slashes_and_unicode_save_restore_and_export(shell, tiny, tmp_path):
+def test_names_with_slashes_and_unicode_save_restore_and_export(shell, scripted, tmp_path):
     """A conversation named 'notes/2024 · été' is a name, never a path: it saves, restores and
     exports like any other."""
     ask(shell, "hi", f"{FAST} -c 'notes/2024 · été'")
@@ -725,7 +731,7 @@ def test_a_history_with_a_multi_line_conversation_name_is_refused(tmp_path):
         (f"{FAST} --seed -3", "hello", "--seed must be between 0"),
     ],
 )
-def test_bad_cell_input_is_one_line_and_changes_nothing(shell, tiny, line, cell, says):
+def test_bad_cell_input_is_one_line_and_changes_nothing(shell, scripted, line, cell, says):
     """Text with lone surrogates (typed, or pulled in with -i from bytes decoded with
     'surrogateescape'), a reply longer than the context, a variable name that is not one, and
     non-finite or out-of-range numbers: one line each, before any work, nothing recorded."""

@@ -305,7 +305,8 @@ def test_fast_mode_reuses_one_cache_across_calls(tiny, monkeypatch):
     assert len(fast_threads) == 1 and fast_threads[0].daemon
 
 
-def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
+@pytest.mark.slow
+def test_compiled_fast_mode_compiles_once_and_says_the_same(own_tiny):
     """Where transformers compiles --fast's decoding step (CUDA; forced onto the CPU here with
     its own testing switch), the step is compiled on the first reply and reused by every later
     one: follow-ups, another conversation, another length. The replies match normal mode."""
@@ -325,7 +326,7 @@ def test_compiled_fast_mode_compiles_once_and_says_the_same(tiny):
         return counters["stats"]["unique_graphs"]
 
     expected = talk(GenerationOptions(max_new_tokens=12, do_sample=False))
-    tiny.model.generation_config.compile_config = compile_on_any_device()
+    own_tiny.model.generation_config.compile_config = compile_on_any_device()
     before = graphs()
     first = start(MESSAGES, GREEDY_FAST)
     first.run()
@@ -355,7 +356,8 @@ def test_the_first_fast_reply_says_what_to_expect(tiny, capsys, monkeypatch):
     chat.ask("Again.", options=GREEDY_FAST, view=NullView())
     chat.ask("And normally.", options=replace(GREEDY_FAST, fast=False), view=NullView())
     assert "Note" not in capsys.readouterr().out
-    tiny.model.generation_config.compile_config = compile_on_any_device()  # as on CUDA
+    # as on CUDA
+    monkeypatch.setattr(tiny.model.generation_config, "compile_config", compile_on_any_device())
     assert "first --fast reply compiles the decoding step" in fast_mode_note(tiny)
     # accelerate spilled layers to the CPU: generate would not compile, and the note says so
     monkeypatch.setattr(tiny.model, "hf_device_map", {"model": 0, "lm_head": "cpu"}, raising=False)

@@ -39,6 +39,7 @@ def interrupt_first_load(k, load: str, delay: float) -> dict:
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0])
+@pytest.mark.kernel
 def test_interrupting_the_first_load_while_torch_imports_leaves_the_kernel_usable(
     tiny_model_path, delay
 ):
@@ -56,6 +57,8 @@ def test_interrupting_the_first_load_while_torch_imports_leaves_the_kernel_usabl
         )
 
 
+@pytest.mark.kernel
+@pytest.mark.demo
 def test_interrupting_a_bare_first_load_leaves_the_kernel_usable(demo_path):
     """A bare %qwen_load, which picks its default model with torch, survives an early interrupt."""
     load = "%qwen_load --device cpu --quiet"

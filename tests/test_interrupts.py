@@ -152,6 +152,7 @@ LONG_MESSAGE = "Here is a long report to summarise. " + "The quarterly numbers w
 
 @pytest.mark.demo
 @pytest.mark.parametrize("interrupts", [1, 2, 3])
+@pytest.mark.kernel
 def test_interrupts_during_a_long_prefill_end_the_cell_at_once(demo_path, interrupts):
     """One, two or three interrupts while a ~5,000-token prompt is read end the cell within
     about a second; no worker is left running, nothing is recorded, and the next reply works."""

@@ -21,12 +21,12 @@ import transformers
 from IPython.core.error import UsageError
 
 import qwen_magic
-from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel import devices, loading
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 from qwen_magic.session import current as session
 
-from .helpers import install, load_aside
+from .helpers import install
 
 CPU = "--device cpu"
 
@@ -57,7 +57,7 @@ def output_lines(capsys) -> list[str]:
 @pytest.fixture
 def no_cuda(monkeypatch):
     """Pin "no GPU" so device decisions do not depend on the machine running the tests."""
-    monkeypatch.setattr(loading, "cuda_available", lambda: False)
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
 
 
 @pytest.fixture
@@ -79,10 +79,10 @@ def spy_from_pretrained(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def tiny_once(tiny_model_path):
-    """The tiny model loaded once for this module (reading its tokenizer takes over a second)."""
-    return load_aside(str(tiny_model_path), device="cpu")  # tests install it through `kept`
+@pytest.fixture
+def tiny_once(tiny_loaded_once):
+    """The session's tiny model (tests install it through `kept`)."""
+    return tiny_loaded_once
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def _not_enough_memory(tmp_path, tiny_path, monkeypatch):
     padded = linked_copy(tiny_path, tmp_path / "padded")
     with open(padded / "extra.safetensors", "wb") as sparse:
         sparse.truncate(4 * 2**30)  # 4 GiB on paper, no disk used
-    monkeypatch.setattr(loading, "_available_memory_bytes", lambda on_cuda: 1024)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda on_cuda: 1024)
     return str(padded), [r"Not enough memory for .*padded", r"about 4\.0 GiB", r"--dtype bfloat16"]
 
 
@@ -407,7 +407,7 @@ def test_memory_of_the_current_model_counts_as_free(kept, tiny_model_path, monke
     """A model that fits only once the current one is released is loaded; one byte less is not."""
     needed = stored_weight_bytes(tiny_model_path)  # bfloat16 of float32 files: counted as stored
     free = {"bytes": needed - kept.memory_bytes - 1}
-    monkeypatch.setattr(loading, "_available_memory_bytes", lambda on_cuda: free["bytes"])
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda on_cuda: free["bytes"])
     path = str(tiny_model_path)
 
     message = usage_error(qwen_magic.load, path, device="cpu", dtype="bfloat16", progress=None)
@@ -429,7 +429,7 @@ def test_float32_of_half_precision_weights_needs_twice_the_files(
     (half / "config.json").write_text(json.dumps(config))
     stored = stored_weight_bytes(half)
     free = 2 * stored - kept.memory_bytes - 1  # one byte short of the float32 estimate
-    monkeypatch.setattr(loading, "_available_memory_bytes", lambda on_cuda: free)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda on_cuda: free)
 
     message = usage_error(qwen_magic.load, str(half), device="cpu", dtype="float32")
     assert f"about {2 * stored / 2**30:.1f} GiB" in message
@@ -460,7 +460,7 @@ def test_out_of_memory_while_loading_releases_and_says_what_to_try(
     assert message.startswith("Out of memory while loading tiny-qwen2 (float16 on auto)")
     assert "the previous model was released" in message
     assert "--dtype bfloat16" in message and "smaller model" in message
-    assert session().backend.loaded is None
+    assert getattr(session().backend, "loaded", None) is None
     gc.collect()
     assert old_model() is None  # really released, even while the error's traceback is alive
     assert info.tb is not None
@@ -502,7 +502,7 @@ def test_other_errors_from_from_pretrained_are_not_disguised(
 
 def test_no_model_yet_says_to_run_qwen_load(fresh_state):
     """Without a model, require_current() says to run %qwen_load and release() is False."""
-    assert session().backend.loaded is None
+    assert getattr(session().backend, "loaded", None) is None
     assert "%qwen_load" in usage_error(session().require_backend)
     assert session().release() is False
 
@@ -510,7 +510,7 @@ def test_no_model_yet_says_to_run_qwen_load(fresh_state):
 def test_release_drops_the_model(kept):
     """release() forgets the kernel's model and reports that there was one."""
     assert session().release() is True
-    assert session().backend.loaded is None
+    assert getattr(session().backend, "loaded", None) is None
 
 
 # -- attention and dtype notices ---------------------------------------------------------------
@@ -537,10 +537,10 @@ def test_attention_choice_without_flash_attn_installed():
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
     notices: list[str] = []
-    assert loading._attention("auto", True, notices) == "sdpa"
-    assert loading._attention("eager", True, notices) == "eager"
+    assert devices.choose_attention("auto", True, notices) == "sdpa"
+    assert devices.choose_attention("eager", True, notices) == "eager"
     assert notices == []
-    assert loading._attention("flash_attention_2", True, notices) == "sdpa"
+    assert devices.choose_attention("flash_attention_2", True, notices) == "sdpa"
     assert notices == ["flash_attention_2 is unavailable (the flash-attn package is not installed);"
                        " using sdpa instead."]  # fmt: skip
 
@@ -588,14 +588,14 @@ def test_json_device_map_loads_on_that_device(shell, tiny_model_path, no_cuda):
 def test_default_model_depends_on_cuda(cuda, expected, monkeypatch):
     """Without $QWEN_MAGIC_MODEL the default is Qwen2-7B-Instruct with CUDA, else the demo."""
     monkeypatch.delenv("QWEN_MAGIC_MODEL", raising=False)
-    monkeypatch.setattr(loading, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(devices, "cuda_available", lambda: cuda)
     assert loading.default_model_name() == expected
 
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_env_var_wins_over_the_default(cuda, monkeypatch):
     """$QWEN_MAGIC_MODEL (stripped) is the default whether or not CUDA is there; blank is unset."""
-    monkeypatch.setattr(loading, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(devices, "cuda_available", lambda: cuda)
     monkeypatch.setenv("QWEN_MAGIC_MODEL", "  /models/my-qwen  ")
     assert loading.default_model_name() == "/models/my-qwen"
     monkeypatch.setenv("QWEN_MAGIC_MODEL", "   ")
@@ -606,7 +606,7 @@ def test_cuda_available_matches_torch():
     """cuda_available() is torch's own answer."""
     import torch
 
-    assert loading.cuda_available() is torch.cuda.is_available()
+    assert devices.cuda_available() is torch.cuda.is_available()
 
 
 def test_load_without_a_model_uses_the_env_var(fresh_state, tiny_model_path, monkeypatch, no_cuda):
@@ -690,8 +690,8 @@ def test_from_pretrained_gets_device_map_auto_with_a_gpu(
     class Stop(Exception):
         pass
 
-    monkeypatch.setattr(loading, "cuda_available", lambda: True)
-    monkeypatch.setattr(loading, "_available_memory_bytes", lambda on_cuda: 2**40)
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda on_cuda: 2**40)
 
     def stop(*args, **kwargs):
         spy_from_pretrained["model"].append(kwargs)

@@ -1,4 +1,7 @@
-"""%%qwen and the conversation magics in a real IPython shell."""
+"""%%qwen and the conversation magics in a real IPython shell.
+
+The magics' mechanics (turns, names, options, interpolation, history) reply with a scripted
+backend; the tiny model runs where its generate call or its loading is what is checked."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def test_qwen_without_a_model_says_to_load_one(shell):
         ask(shell, "hello")
 
 
-def test_empty_cell_is_refused_and_history_untouched(shell, tiny):
+def test_empty_cell_is_refused_and_history_untouched(shell, scripted):
     """An empty cell is a UsageError and the conversation keeps its turns."""
     ask(shell, "hello")
     with pytest.raises(UsageError, match="empty"):
@@ -36,7 +39,7 @@ def test_empty_cell_is_refused_and_history_untouched(shell, tiny):
     assert len(turns()) == 1
 
 
-def test_each_cell_adds_one_user_assistant_pair(shell, tiny, capsys):
+def test_each_cell_adds_one_user_assistant_pair(shell, scripted, capsys):
     """Each %%qwen cell adds exactly one turn whose text was streamed to the output."""
     ask(shell, "first")
     ask(shell, "second")
@@ -55,7 +58,7 @@ def test_each_cell_adds_one_user_assistant_pair(shell, tiny, capsys):
     ]
 
 
-def test_rerunning_a_cell_replaces_its_turn(shell, tiny, monkeypatch):
+def test_rerunning_a_cell_replaces_its_turn(shell, scripted, monkeypatch):
     """A cell id seen before replaces that turn and drops the ones after it."""
     cell = {"id": "cell-a"}
     monkeypatch.setattr("qwen_magic.notebook.magics.current_cell_id", lambda _shell: cell["id"])
@@ -68,7 +71,7 @@ def test_rerunning_a_cell_replaces_its_turn(shell, tiny, monkeypatch):
     assert turns()[0].cell_id == "cell-a"
 
 
-def test_named_conversations_are_independent(shell, tiny):
+def test_named_conversations_are_independent(shell, scripted):
     """-c NAME keeps a separate history."""
     ask(shell, "in default")
     ask(shell, "in other", f"{FAST} -c other")
@@ -77,14 +80,14 @@ def test_named_conversations_are_independent(shell, tiny):
     assert [t.user for t in turns("other")] == ["in other", "in other again"]
 
 
-def test_new_starts_the_conversation_afresh(shell, tiny):
+def test_new_starts_the_conversation_afresh(shell, scripted):
     """--new forgets the earlier turns before asking."""
     ask(shell, "one")
     ask(shell, "two", f"{FAST} --new")
     assert [t.user for t in turns()] == ["two"]
 
 
-def test_out_variable_receives_the_reply(shell, tiny):
+def test_out_variable_receives_the_reply(shell, scripted):
     """-o NAME stores the reply text in the user's namespace."""
     ask(shell, "hello", f"{FAST} -o qm_reply")
     assert shell.user_ns["qm_reply"] == turns()[-1].assistant
@@ -116,7 +119,7 @@ def test_config_traitlets_set_defaults(shell, tiny, monkeypatch):
     assert calls[-1]["max_new_tokens"] == 3
 
 
-def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
+def test_system_prompts_one_off_and_persistent(shell, scripted, monkeypatch):
     """-s changes one turn's system prompt; --set-system changes the conversation's."""
     rendered = []
     backend = session().backend
@@ -139,7 +142,7 @@ def test_system_prompts_one_off_and_persistent(shell, tiny, monkeypatch):
     ]
 
 
-def test_interpolation_is_explicit_and_leaves_braces_alone(shell, tiny):
+def test_interpolation_is_explicit_and_leaves_braces_alone(shell, scripted):
     """-i replaces $name; without -i nothing changes; braces in code always pass untouched."""
     shell.user_ns["qm_lang"] = "Rust"
     code = 'def f():\n    return {"key": [1, 2]}  # ${not_a_var} without -i'
@@ -149,7 +152,7 @@ def test_interpolation_is_explicit_and_leaves_braces_alone(shell, tiny):
     assert turns()[-1].user == 'Port to Rust: def f(): return {"k": 1}'
 
 
-def test_interpolation_of_an_unknown_name_is_a_usage_error(shell, tiny):
+def test_interpolation_of_an_unknown_name_is_a_usage_error(shell, scripted):
     """-i with an undefined variable says which one, and records nothing."""
     with pytest.raises(UsageError, match="qm_missing"):
         ask(shell, "Tell me about $qm_missing", f"{FAST} -i")
@@ -160,7 +163,7 @@ def test_interpolation_of_an_unknown_name_is_a_usage_error(shell, tiny):
     "line",
     ["--bogus", "-n 0", "-t -1", "--top-p 2", "--greedy --sample", "--view nowhere", "-n ten"],
 )
-def test_bad_options_are_usage_errors_and_lose_nothing(shell, tiny, line):
+def test_bad_options_are_usage_errors_and_lose_nothing(shell, scripted, line):
     """Bad flags or values raise a one-line UsageError and keep the conversation intact."""
     ask(shell, "kept")
     with pytest.raises(UsageError) as caught:
@@ -169,7 +172,7 @@ def test_bad_options_are_usage_errors_and_lose_nothing(shell, tiny, line):
     assert [t.user for t in turns()] == ["kept"]
 
 
-def test_history_pop_reset_and_system_magics(shell, tiny, capsys):
+def test_history_pop_reset_and_system_magics(shell, scripted, capsys):
     """%qwen_history lists turns; %qwen_pop and %qwen_reset remove them; %qwen_system sets."""
     ask(shell, "alpha")
     ask(shell, "beta")

@@ -1,4 +1,7 @@
-"""Saving conversations: atomic writes, refusing foreign files, restoring in a new kernel."""
+"""Saving conversations: atomic writes, refusing foreign files, restoring in a new kernel.
+
+The magics' tests reply with a scripted backend, except where the record of a real reply (the
+model's name, its stats) is checked."""
 
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def test_turns_are_saved_beside_the_notebook_after_each_turn(shell, tiny, notebo
     assert len(read_book(saved).get().turns) == 1
 
 
-def test_a_new_kernel_restores_the_notebook_conversations(shell, tiny, notebook, capsys):
+def test_a_new_kernel_restores_the_notebook_conversations(shell, scripted, notebook, capsys):
     """Attaching in a kernel with no conversations restores the saved ones and says so."""
     shell.run_cell_magic("qwen", FAST, "remember this")
     session().conversations = ConversationBook()  # what a new kernel starts with
@@ -105,7 +108,7 @@ def test_a_new_kernel_restores_the_notebook_conversations(shell, tiny, notebook,
     assert [t.user for t in session().conversations.get().turns] == ["remember this"]
 
 
-def test_a_foreign_history_file_is_reported_and_kept(shell, tiny, notebook):
+def test_a_foreign_history_file_is_reported_and_kept(shell, scripted, notebook):
     """A non-qwen file where the history would go is left alone; chatting still works."""
     foreign = notebook.with_name("analysis.qwen.json")
     foreign.write_text('{"something": "else"}')
@@ -116,7 +119,7 @@ def test_a_foreign_history_file_is_reported_and_kept(shell, tiny, notebook):
     assert len(session().conversations.get().turns) == 1
 
 
-def test_save_restore_and_export_magics(shell, tiny, tmp_path, capsys):
+def test_save_restore_and_export_magics(shell, scripted, tmp_path, capsys):
     """%qwen_save writes a file, %qwen_restore reads it back, %qwen_export writes Markdown."""
     shell.run_cell_magic("qwen", FAST, "keep me")
     target = tmp_path / "chat.qwen.json"
@@ -131,7 +134,7 @@ def test_save_restore_and_export_magics(shell, tiny, tmp_path, capsys):
     assert "Restored 1 turn" in capsys.readouterr().out
 
 
-def test_restore_of_a_bad_file_changes_nothing(shell, tiny, tmp_path):
+def test_restore_of_a_bad_file_changes_nothing(shell, scripted, tmp_path):
     """%qwen_restore of a foreign file is a UsageError and the conversations stay."""
     shell.run_cell_magic("qwen", FAST, "stay")
     bad = tmp_path / "bad.json"

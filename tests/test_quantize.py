@@ -14,7 +14,7 @@ import torch
 
 import qwen_magic
 from qwen_magic.backends.base import ReplyStats
-from qwen_magic.backends.kernel import loading
+from qwen_magic.backends.kernel import devices, loading
 from qwen_magic.backends.kernel.quantize import cache as quantize_cache
 from qwen_magic.backends.kernel.quantize import formats as quantize
 from qwen_magic.conversation import ConversationBook
@@ -37,7 +37,7 @@ def scratch_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_cuda(monkeypatch):
-    monkeypatch.setattr(loading, "cuda_available", lambda: False)
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
 
 
 def load_tiny(path, fmt: str):

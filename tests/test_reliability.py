@@ -24,6 +24,7 @@ SETUP = """
 """
 
 
+@pytest.mark.kernel
 def test_interrupting_the_kernel_stops_generation_and_keeps_the_partial_turn(tiny_model_path):
     """A kernel interrupt mid-reply ends generate, records the partial turn, and chat goes on."""
     with kernel() as k:
@@ -59,6 +60,7 @@ def test_interrupting_the_kernel_stops_generation_and_keeps_the_partial_turn(tin
         assert k.value(f"len({turns})") == 2
 
 
+@pytest.mark.kernel
 def test_conversations_survive_a_kernel_restart(tiny_model_path, tmp_path):
     """Turns saved by one kernel for a notebook are restored by the next kernel for it."""
     notebook = tmp_path / "notes.ipynb"
@@ -78,6 +80,7 @@ def test_conversations_survive_a_kernel_restart(tiny_model_path, tmp_path):
         assert second.value(f"{turns}[0].assistant") == reply
 
 
+@pytest.mark.slow
 def test_two_hundred_turns_keep_memory_threads_and_context_flat(tiny):
     """A 200-turn session leaves no threads, keeps RSS flat and every prompt inside the context."""
     chat = Chat(book=ConversationBook())

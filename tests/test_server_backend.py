@@ -105,6 +105,8 @@ def test_importing_the_backend_loads_neither_openai_nor_torch():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     """A bare URL, with or without /v1, connects to the one served model and reads its context
     from the model's local config (transformers serve reports none)."""
@@ -137,6 +139,8 @@ def test_connect_finds_the_one_served_model_and_its_context(served, demo_path):
     by_folder_name.close()
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_greedy_over_the_server_equals_in_kernel_generate(backend, local_model):
     """Greedy replies from the server are, token for token, those of ``model.generate`` on the
     same folder in this process (same bf16 weights, same chat template)."""
@@ -168,6 +172,8 @@ def test_greedy_over_the_server_equals_in_kernel_generate(backend, local_model):
         assert not reply.cancelled and not reply.stats.interrupted
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_count_tokens_is_the_servers_prompt_count(backend):
     """count_tokens renders the model's chat template with its tokenizer: the server's own
     ``usage.prompt_tokens`` for the same messages."""
@@ -182,6 +188,8 @@ def test_count_tokens_is_the_servers_prompt_count(backend):
     assert backend.count_tokens(messages) == reply.stats.prompt_tokens > 40
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_follow_up_uses_the_history(backend):
     """A two-turn message list is answered in the context of the first turn."""
     first = ask("My name is Ada and my favourite fruit is the mango. Say hello to me.")
@@ -200,6 +208,8 @@ def test_follow_up_uses_the_history(backend):
     assert "mango" not in alone.text.lower()  # the history, not luck, gave the answer
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_seeded_sampling_really_samples_on_transformers_serve(backend):
     """--sample with a seed over transformers serve samples (through its generation_config):
     one seed gives one reply, other seeds give others."""
@@ -220,6 +230,8 @@ def test_seeded_sampling_really_samples_on_transformers_serve(backend):
     assert backend.unsupported_fields == set()
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_rejected_extra_fields_are_dropped_with_a_note(backend):
     """In the OpenAI dialect transformers serve answers 422 to top_k/repetition_penalty: the
     reply is retried without them, says so once, and later requests leave them out."""
@@ -237,6 +249,8 @@ def test_rejected_extra_fields_are_dropped_with_a_note(backend):
     assert again.note is None and again.text == reply.text
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_cancel_ends_the_reply_at_once_and_frees_the_server(backend):
     """cancel() ends the iteration within a second, keeps the text, and the server stops
     generating: its next reply comes as fast as ever."""
@@ -261,6 +275,8 @@ def test_cancel_ends_the_reply_at_once_and_frees_the_server(backend):
     assert after.text and not after.cancelled
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_stop_while_waiting_for_the_first_token(backend):
     """A cancel from on_wait (a Stop click before any text came) ends the reply within a
     second, with no text."""
@@ -279,6 +295,8 @@ def test_stop_while_waiting_for_the_first_token(backend):
     assert reply.cancelled and reply.text == "" and reply.stats.first_token_seconds is None
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_ctrl_c_cancels_joins_and_reraises(backend):
     """Ctrl-C while iterating closes the stream, joins the reader and re-raises within a second;
     the partial text stays and the server answers the next request promptly."""
@@ -299,6 +317,8 @@ def test_ctrl_c_cancels_joins_and_reraises(backend):
     assert time.perf_counter() - started < 20 and after.text
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_server_killed_mid_reply_then_restarted(own_server):
     """Killing the server mid-reply raises one line from the iteration with the partial text
     kept; once it is restarted, the same backend's next reply works."""
@@ -351,6 +371,8 @@ def test_an_unknown_host_is_one_line():
     assert "no-such-host.invalid" in message and ("unknown" in message or "reach" in message)
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_a_model_the_server_does_not_serve_is_one_line(served, demo_path):
     """Naming a model the server does not serve lists what it does serve."""
     from qwen_magic.backends.server import ServerBackend
@@ -391,6 +413,7 @@ def test_bad_urls_are_one_line(url):
     one_line(raised.value)
 
 
+@pytest.mark.demo
 def test_token_estimate_is_an_upper_bound(local_model):
     """Without a tokenizer, the estimate is at least the real prompt length, in English,
     Chinese and code, with and without a system prompt."""
@@ -724,6 +747,8 @@ def test_on_wait_runs_while_the_server_is_slow_and_fast_is_noted_once():
     assert backend.notices(fast) == []
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_the_server_benchmark_runs(served):
     """benchmarks/server.py's measure() runs one interleaved pair and reports both sides."""
     import importlib.util
@@ -741,6 +766,8 @@ def test_the_server_benchmark_runs(served):
 # ----- everything above the backend, through the magics -----
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_the_magics_work_unchanged_over_a_server(shell, served, demo, tmp_path, capsys):
     """%qwen_load --server, then %%qwen (greedy, same text as in the kernel), a follow-up that
     uses the history, -o, %qwen_history, %qwen_pop, %qwen_save/%qwen_restore and %qwen_export."""
@@ -751,7 +778,7 @@ def test_the_magics_work_unchanged_over_a_server(shell, served, demo, tmp_path, 
     shell.run_line_magic("qwen_reset", "")
     shell.run_line_magic("qwen_load", f"--server {served.url}")
     assert "Connected to" in capsys.readouterr().out
-    assert current().backend.loaded is None  # the kernel's model was released
+    assert getattr(current().backend, "loaded", None) is None  # the kernel's model was released
     shell.run_cell_magic("qwen", "--greedy -n 24 -o qm_served --view text", question)
     assert shell.user_ns["qm_served"] == shell.user_ns["qm_local"]
     assert "Paris" in shell.user_ns["qm_served"]
@@ -773,6 +800,8 @@ def test_the_magics_work_unchanged_over_a_server(shell, served, demo, tmp_path, 
     assert "nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_a_bare_qwen_load_connects_to_the_configured_server(shell, served, monkeypatch, capsys):
     """$QWEN_MAGIC_SERVER makes a bare %qwen_load connect, and says where from."""
     from qwen_magic.backends.server import ServerBackend
@@ -856,6 +885,8 @@ def test_context_too_long_trims_older_turns_and_asks_once_more(fresh_state):
     assert len(book.turns) == 9
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, capsys, monkeypatch):
     """Killing the server mid-reply: one line, the partial text stays on screen, nothing is
     recorded; after a restart the next reply works."""
@@ -888,6 +919,8 @@ def test_a_server_killed_mid_reply_keeps_the_conversation(shell, own_server, cap
     assert len(current().conversations.get().turns) == len(before) + 1
 
 
+@pytest.mark.server
+@pytest.mark.demo
 def test_a_reply_cut_by_the_token_limit_says_so_over_a_server(backend):
     """The server's finish_reason "length" becomes the footer's 'stopped at the limit' note."""
     reply = backend.start(ask("Write a long poem about the sea, twenty lines at least."), GREEDY)

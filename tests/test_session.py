@@ -97,8 +97,9 @@ def test_the_in_kernel_backend_and_its_replies_follow_the_protocol(tiny):
     assert backend.context_length(GREEDY) == tiny.context_length
     fast = GenerationOptions(fast=True, fast_cache_tokens=256)
     assert backend.context_length(fast) == 256
-    assert "fast_cache_tokens" in backend.context_advice(fast)
-    assert backend.context_advice(GREEDY) == ""
+    assert [notice.code for notice in backend.context_advice(fast)] == ["fast_cache_size"]
+    assert backend.context_advice(GREEDY) == []
+    assert backend.info().kind == "kernel" and backend.info().location == "cpu"
 
 
 class RecordingView(View):

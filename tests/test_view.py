@@ -7,6 +7,8 @@ import io
 import sys
 import time
 
+import pytest
+
 from qwen_magic.chat import STOPPED_NOTE, Chat
 from qwen_magic.notebook.comm_pump import CommPump, ipykernel_supported
 from qwen_magic.notebook.views import TextView, WidgetView, in_widget_frontend, make_view
@@ -151,6 +153,9 @@ def test_stop_button_cancels_generation_and_the_turn_ends_normally(tiny, monkeyp
     assert Chat().conversation().turns == [turn]
 
 
+WAITING = "*waiting for the first token"  # shown on a busy machine before the first token
+
+
 def test_chat_streams_into_the_widget_in_several_redraws(tiny, monkeypatch):
     """A real generation redraws the Output widget several times with growing text."""
     monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
@@ -166,7 +171,7 @@ def test_chat_streams_into_the_widget_in_several_redraws(tiny, monkeypatch):
     assert len(set(texts)) >= 3
     assert texts[-1] == turn.assistant + " ▌"
     assert seen[-1] == ()  # emptied when the final Markdown takes over
-    lengths = [len(t.removesuffix(" ▌")) for t in texts]
+    lengths = [len(t.removesuffix(" ▌")) for t in texts if not t.startswith(WAITING)]
     assert lengths == sorted(lengths)
 
 
@@ -177,6 +182,7 @@ KERNEL_CELLS = """
 """
 
 
+@pytest.mark.kernel
 def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
     """In a real kernel, %%qwen sends the Output widget several state updates with growing text."""
     from jupyter_client.manager import start_new_kernel
@@ -225,6 +231,7 @@ def test_widget_updates_cross_the_kernel_boundary(tiny_model_path):
         manager.shutdown_kernel(now=True)
 
 
+@pytest.mark.kernel
 def test_stop_click_is_handled_while_the_cell_runs_and_queued_cells_keep_their_order(
     tiny_model_path,
 ):

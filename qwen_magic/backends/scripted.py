@@ -62,9 +62,15 @@ class ScriptedBackend:
     name = "scripted"
 
     def __init__(
-        self, *replies: str, context_tokens: int = 8192, seconds_per_word: float = 0.0
+        self,
+        *replies: str,
+        otherwise: str | None = None,
+        context_tokens: int = 8192,
+        seconds_per_word: float = 0.0,
     ) -> None:
         self.replies = list(replies)
+        #: The reply once ``replies`` are used up (None: no more replies, a one-line error).
+        self.otherwise = otherwise
         #: The messages of every reply asked for, in order.
         self.prompts: list[Messages] = []
         self.context_tokens = context_tokens
@@ -97,10 +103,12 @@ class ScriptedBackend:
         *,
         conversation: Hashable | None = None,
     ) -> ScriptedReply:
-        if not self.replies:
+        if not self.replies and self.otherwise is None:
             raise QwenMagicError("The script has no replies left; give the backend more.")
         self.prompts.append(list(messages))
-        return ScriptedReply(self.replies.pop(0), options.max_new_tokens, self.seconds_per_word)
+        text = self.replies.pop(0) if self.replies else self.otherwise
+        assert text is not None
+        return ScriptedReply(text, options.max_new_tokens, self.seconds_per_word)
 
     def forget_conversations(self) -> None:
         pass

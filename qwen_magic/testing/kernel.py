@@ -52,6 +52,9 @@ def kernel(env: dict[str, str] | None = None):
     """Start a kernel from this interpreter, with extra environment variables."""
     from jupyter_client.manager import start_new_kernel
 
+    from qwen_magic.testing import announce
+
+    announce("kernel", "a Jupyter kernel")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     manager, client = start_new_kernel(kernel_name="python3", env=full_env)
     try:

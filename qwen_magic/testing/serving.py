@@ -52,6 +52,9 @@ class ServeProcess:
 
     def start(self) -> ServeProcess:
         """Start the server (same port as before) and wait until it answers ``/health``."""
+        from qwen_magic.testing import announce
+
+        announce("server", "transformers serve")
         command = [
             sys.executable,
             "-m",

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_magic.backends.kernel import devices
 from qwen_magic.backends.kernel.devices import (
     check_memory,
     choose_attention,
-    cuda_available,
     device_map_for,
     free_memory,
     is_out_of_memory,
@@ -121,14 +121,14 @@ def default_model_name() -> str:
     """``$QWEN_MAGIC_MODEL``, else Qwen2-7B-Instruct with CUDA, else the offline demo model."""
     if from_env := os.environ.get(MODEL_ENV_VAR, "").strip():
         return from_env
-    return DEFAULT_GPU_MODEL if cuda_available() else "demo"
+    return DEFAULT_GPU_MODEL if devices.cuda_available() else "demo"
 
 
 def default_model_reason() -> str:
     """Why :func:`default_model_name` chose what it chose, in a few words."""
     if os.environ.get(MODEL_ENV_VAR, "").strip():
         return f"from ${MODEL_ENV_VAR}"
-    if cuda_available():
+    if devices.cuda_available():
         return "a CUDA GPU is available"
     return "no CUDA GPU here, so the offline demo model"
 
@@ -202,7 +202,7 @@ def check(spec: ModelSpec, say: Progress, *, freed_bytes: int = 0) -> _Plan:
     _check_causal_lm(config, spec.model)
 
     device_map = device_map_for(spec.device)
-    on_cuda = device_map not in ("cpu", None) and cuda_available()
+    on_cuda = device_map not in ("cpu", None) and devices.cuda_available()
 
     if spec.dtype == "auto":
         # GGUF weights are quantized; dequantize to bf16 rather than transformers' fp32 default.
