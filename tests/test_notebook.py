@@ -202,7 +202,7 @@ def test_qwen_error_sends_the_last_error_and_joins_the_conversation(shell, cells
     assert turn.user.endswith(last_error.EXPLAIN_AND_FIX)
     assert not ANSI.search(turn.user)
     assert shell.user_ns["qm_answer"] == turn.assistant
-    assert "tokens/s" in capsys.readouterr().out
+    assert "tokens · first token" in capsys.readouterr().out
     shell.run_cell_magic("qwen", FAST, "Now fix it another way.")
     assert [t.user for t in turns()][1:] == ["Now fix it another way."]
 
