@@ -186,6 +186,13 @@ class QwenMagics(Magics):
         help="Fast mode's static cache size in tokens (prompt + reply), at most the model's "
         "context; allocated once per model, so changing it recompiles.",
     ).tag(config=True)
+    prompt_lookup = Enum(
+        ("auto", "on", "off"),
+        "auto",
+        help="Prompt-lookup decoding in this kernel (as --lookup / --no-lookup): drafts the "
+        "reply from the prompt and checks several tokens per pass, faster for edits. auto: "
+        "greedy replies of an int8/int4 model on the CPU, whose ids it provably keeps.",
+    ).tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)
@@ -400,6 +407,13 @@ class QwenMagics(Magics):
         help="Decode into a static KV cache, compiled with torch.compile on CUDA: faster "
         "decoding after a slow first reply (compiling). Context: QwenMagics.fast_cache_tokens.",
     )
+    @argument(
+        "--lookup",
+        action="store_true",
+        help="Prompt-lookup decoding for this reply, whatever the dtype and sampling "
+        "(default: QwenMagics.prompt_lookup). Faster where the reply copies the prompt.",
+    )
+    @argument("--no-lookup", action="store_true", help="Plain decoding for this reply.")
     @cell_magic
     @one_line_errors
     def qwen(self, line: str, cell: str) -> None:
@@ -417,6 +431,8 @@ class QwenMagics(Magics):
         conversation, and goes where -o and --code say."""
         if args.greedy and args.sample:
             raise QwenMagicError("Choose one of --greedy and --sample.")
+        if getattr(args, "lookup", False) and getattr(args, "no_lookup", False):
+            raise QwenMagicError("Choose one of --lookup and --no-lookup.")
         if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
             raise QwenMagicError(
                 f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "
@@ -463,6 +479,13 @@ class QwenMagics(Magics):
             seed=getattr(args, "seed", None),
             fast=getattr(args, "fast", False) or self.fast,
             fast_cache_tokens=self.fast_cache_tokens,
+            prompt_lookup=(
+                "on"
+                if getattr(args, "lookup", False)
+                else "off"
+                if getattr(args, "no_lookup", False)
+                else self.prompt_lookup
+            ),
         )
 
     @magic_arguments()
