@@ -468,6 +468,10 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
                 say=say,
             )
             plan.notices.extend(quantize_notes)
+            if not plan.on_cuda:  # prompts read at bf16 speed (quantized_prefill.py)
+                from .quantized_prefill import use_many_row_prefill
+
+                use_many_row_prefill(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 plan.path,

@@ -34,7 +34,9 @@ RENAME = f"```python\n{CODE}```\nRename total_1 to sum_prices. Reply with the wh
 
 
 def greedy(lookup: str, **extra) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens=40, do_sample=False, prompt_lookup=lookup, **extra)
+    return GenerationOptions(
+        **{"max_new_tokens": 40, **extra}, do_sample=False, prompt_lookup=lookup
+    )
 
 
 def reply_ids(messages, options, **kwargs) -> tuple[list[int], generation.Generation]:
