@@ -151,7 +151,9 @@ def _candidate_generator_class() -> type:
     class LatestMatchLookup(PromptLookupCandidateGenerator):
         """transformers' prompt lookup drafting from the latest match, under a policy."""
 
-        def __init__(self, policy: LookupPolicy, eos_token_id: Any, max_length: int) -> None:
+        def __init__(
+            self, policy: LookupPolicy, eos_token_id: Any, max_length: int, config: Any
+        ) -> None:
             super().__init__(
                 eos_token_id=eos_token_id,
                 num_output_tokens=policy.draft_tokens,
@@ -161,13 +163,20 @@ def _candidate_generator_class() -> type:
             self.policy = policy
             self._passes = 0
             self._drafted = 0
+            self._config = config
+            self._attention = config._attn_implementation
 
         def get_candidates(self, input_ids: Any, **kwargs: Any) -> tuple[Any, Any]:
             import torch
 
             self._drafted = 0
             self._passes += 1
-            if self._passes == 1 or self.policy.gave_up:  # the prompt's own pass: no draft
+            # The prompt's pass runs as without lookup (sdpa over all its rows, no draft);
+            # the passes after it verify drafts row by row, as one-token steps would.
+            prompt_pass = self._passes == 1
+            if self._attention == "sdpa":
+                self._config._attn_implementation = "sdpa" if prompt_pass else ROW_BY_ROW
+            if prompt_pass or self.policy.gave_up:
                 return input_ids, None
             room = self.max_length - input_ids.shape[1] - 1  # generate adds one token itself
             draft = latest_match(input_ids[0].tolist(), min(self.num_output_tokens, room))
@@ -237,24 +246,25 @@ def _register_row_by_row() -> None:
 @contextlib.contextmanager
 def drafting(model: Any, policy: LookupPolicy | None) -> Iterator[None]:
     """While inside, ``model.generate``'s prompt lookup drafts with :class:`LatestMatchLookup`
-    under ``policy``, and an sdpa model's attention runs verification passes row by row
-    (nothing changes when ``policy`` is None). Only one generation runs at a time
-    (generation.py's lock), so the attributes changed here are never shared."""
+    under ``policy``, and an sdpa model's attention runs the passes after the prompt's row by
+    row (nothing changes when ``policy`` is None); the model's attention is restored after.
+    Only one generation runs at a time (generation.py's lock), so the attributes changed here
+    are never shared."""
     if policy is None:
         yield
         return
     generator_class = _candidate_generator_class()
 
-    def candidate_generator(generation_config: Any, **_kwargs: Any) -> Any:
-        return generator_class(
-            policy, generation_config._eos_token_tensor, generation_config.max_length
-        )
-
     config = model.config
     attention = config._attn_implementation
     if attention == "sdpa":
         _register_row_by_row()
-        config._attn_implementation = ROW_BY_ROW
+
+    def candidate_generator(generation_config: Any, **_kwargs: Any) -> Any:
+        return generator_class(
+            policy, generation_config._eos_token_tensor, generation_config.max_length, config
+        )
+
     real_prepare = model.prepare_inputs_for_generation
 
     def prepare_inputs(input_ids: Any, next_sequence_length: Any = None, **kwargs: Any) -> Any:

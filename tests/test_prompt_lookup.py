@@ -121,15 +121,25 @@ def test_an_unknown_setting_is_refused():
         GenerationOptions(prompt_lookup="always")
 
 
-def test_drafting_restores_the_model_afterwards(tiny):
-    """Inside drafting the model's attention is the row-by-row one; afterwards sdpa and
-    transformers' own candidate generator are back, even after an error."""
+def test_prompt_pass_runs_sdpa_and_later_passes_row_by_row(tiny):
+    """With lookup, the pass that reads the prompt uses sdpa as plain decoding does (a few
+    uncached prompt tokens get the same keys and values), the passes after it row-by-row
+    attention; afterwards sdpa and transformers' own candidate generator are back."""
     model = tiny.model
+    seen: list[str] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, _args: seen.append(module.config._attn_implementation)
+    )
+    try:
+        reply_ids(ask(RENAME), greedy("on", max_new_tokens=6))
+    finally:
+        hook.remove()
+    assert seen[0] == "sdpa" and set(seen[1:]) == {ROW_BY_ROW}
     with pytest.raises(RuntimeError), drafting(model, LookupPolicy(3)):
-        assert model.config._attn_implementation == ROW_BY_ROW
         raise RuntimeError
     assert model.config._attn_implementation == "sdpa"
     assert "_get_candidate_generator" not in vars(model)
+    assert "prepare_inputs_for_generation" not in vars(model)
 
 
 # -- through the real generate path, tiny model -----------------------------------------------
