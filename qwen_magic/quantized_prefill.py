@@ -1,4 +1,4 @@
-"""Quantized prefill at bfloat16's speed: many rows multiply a weight widened for that call.
+"""Quantized prefill: many rows multiply a weight widened to bfloat16 for that call only.
 
 PyTorch's CPU int4 and int8 kernels are built for decoding, one row (token) at a time: reading
 a long prompt with them was measured 3x slower than bfloat16 (a ~1,100-token prompt: int4 8.9
@@ -6,7 +6,9 @@ s, bf16 3.0 s), whose matmul uses the CPU's matrix units for many rows. So a qua
 given at least :data:`MANY_ROWS` rows at once (a prompt, never a decoding or verification step)
 widens its own weight to bfloat16 for that one call and multiplies with bfloat16's matmul; the
 widened weight is freed when the layer returns, so memory holds one layer's bf16 weight at a
-time, never a second copy of the model. Decoding keeps the quantized kernels.
+time, never a second copy of the model. Decoding keeps the quantized kernels. (Measured in
+BENCHMARKS.md's Prefill section: int8 read a 1,000-token prompt 2.2x faster than with its
+kernel; int4's gain was not measurable on a crowded machine, see README.md.)
 
 * **int8** (:class:`~qwen_magic.int8_linear.Int8PackedLinear`): ``weight * scale[:, None]``.
 * **int4** (torchao's CPU ``Int4OpaqueTensor``): the weight is packed for the int4 kernel in
