@@ -17,7 +17,10 @@ Measured on the offline demo model (Qwen2.5-Coder-0.5B-Instruct, bf16):
 * ``%qwen_load demo --quantize none|int8|int4``: decode speed, first reply, load time, peak RSS,
   the fraction of the memory-bandwidth bound, and top-1 agreement and NLL against bf16
   (``benchmarks/quantization.py``; ``python benchmarks/run.py --only quantize`` runs that part
-  alone and replaces only its section).
+  alone and replaces only its section);
+* prompt-lookup decoding on edits, time to first token for long prompts per format, and
+  llama.cpp side by side where it is installed (``benchmarks/speed.py``; ``--only edits``,
+  ``--only prefill``, ``--only llamacpp``, or several names after one ``--only``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import quantization  # noqa: E402
+from benchmarks import quantization, speed  # noqa: E402
 from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
 from qwen_magic.presentation import NullView  # noqa: E402
 from qwen_magic.storage.atomic import write_atomic  # noqa: E402
@@ -435,6 +438,9 @@ def main() -> None:
         print(quantization.section(result))
         quantization.write_only_this_section(result, REPORT)
         return
+    if sys.argv[1:2] == ["--only"] and set(sys.argv[2:]) <= set(speed.SECTIONS):
+        speed.write_only_sections(sys.argv[2:], REPORT)
+        return
     facts = machine_facts()
     load = bench_load()
     loaded = qwen_magic.load("demo", progress=None)
@@ -446,6 +452,7 @@ def main() -> None:
     del loaded
     quant = bench_quantize()
     report = render(facts, load, streaming, turns, fast, overflow, server, quant)
+    report = report.rstrip("\n") + "\n\n" + "\n".join(speed.run_section(n) for n in speed.SECTIONS)
     print(report)
     write_atomic(REPORT, report)
 
@@ -536,7 +543,8 @@ def render(
         "no parallel torch work. Where it has (a `generate` on it, a quantizing load, the user's "
         "own tensors), its OpenMP team and the generating thread's make libgomp stop spinning "
         "between parallel regions, and the seed recipe decodes up to 1.5× slower; `%%qwen` lets "
-        "the kernel thread's team go before each reply (`qwen_magic/backends/kernel/openmp.py`), and the plain "
+        "the kernel thread's team go before each reply "
+        "(`qwen_magic/backends/kernel/openmp.py`), and the plain "
         "`generate` above ran on the kernel's thread before every `%%qwen` reply.",
         "",
         f"The Output widget received {streaming['widget_updates']:.0f} updates per reply "

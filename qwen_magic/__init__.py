@@ -69,7 +69,8 @@ def load(model: str | None = None, **how: Any) -> LoadedModel:
     """Load ``model`` into this kernel once (``%qwen_load``'s Python face) and return it.
 
     ``how``: ``dtype``, ``device``, ``attention``, ``revision``, ``trust_remote_code``,
-    ``quantize`` ("none", "int8" or "int4": weight-only, see :mod:`qwen_magic.backends.kernel.quantize.formats`),
+    ``quantize`` ("none", "int8" or "int4": weight-only, see
+    :mod:`qwen_magic.backends.kernel.quantize.formats`),
     ``progress`` (a function taking each progress line, or None for silence).
     """
     loaded, _fresh = current_session().load_model(model, **how)

@@ -11,7 +11,8 @@
 
 One :meth:`Chat.ask` fits the conversation into the backend's context (the oldest turns are
 left out first), streams the reply into a view, and records the turn. It knows the backend only
-through :class:`qwen_magic.backends.base.Backend`, so it works the same with a model in the kernel and
+through :class:`qwen_magic.backends.base.Backend`, so it works the same with a model in the kernel
+and
 with a server. If generation fails, nothing is recorded. If it is interrupted (Ctrl-C, the
 kernel's stop button), the partial reply is recorded and marked so, then the interrupt goes on
 to stop the rest of the notebook run. The widget's own Stop button cancels the reply instead:
@@ -86,7 +87,8 @@ class Chat:
     ) -> Turn:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
-        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a :class:`~qwen_magic.notebook.views.View` (or
+        ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a
+        :class:`~qwen_magic.notebook.views.View` (or
         any object with its ``update(text)`` and ``finish(text, footer)``; ``start`` is
         optional), or a function making one (called only once the message is known to fit, so
         an error leaves no empty widget).

@@ -35,6 +35,9 @@ class GenerationOptions:
     fast: bool = False
     #: Fast mode's static cache size in tokens (prompt + reply), capped at the model's context.
     fast_cache_tokens: int = DEFAULT_FAST_CACHE_TOKENS
+    #: Prompt-lookup decoding in this kernel: "auto", "on" or "off" (see
+    #: ``qwen_magic.backends.kernel.prompt_lookup``).
+    prompt_lookup: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -58,6 +61,11 @@ class GenerationOptions:
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise QwenMagicError(f"--seed must be between 0 and {MAX_SEED} (got {self.seed}).")
+        if self.prompt_lookup not in ("auto", "on", "off"):
+            raise QwenMagicError(
+                "QwenMagics.prompt_lookup must be 'auto', 'on' or 'off' "
+                f"(got {self.prompt_lookup!r})."
+            )
         if self.fast_cache_tokens < 2:
             raise QwenMagicError(
                 f"QwenMagics.fast_cache_tokens must be at least 2 (got {self.fast_cache_tokens})."
@@ -83,4 +91,6 @@ class GenerationOptions:
         record = {key: value for key, value in asdict(self).items() if value is not None}
         if not self.fast:  # the usual mode leaves no trace in saved turns
             del record["fast"], record["fast_cache_tokens"]
+        if self.prompt_lookup == "auto":  # the usual mode leaves no trace either
+            del record["prompt_lookup"]
         return record

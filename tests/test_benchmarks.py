@@ -91,3 +91,26 @@ def test_gpu_benchmark_refuses_to_measure_without_cuda():
     )
     assert done.returncode == 2
     assert "No CUDA device" in done.stderr and "--smoke" in done.stderr
+
+
+def test_llama_cpp_section_is_skipped_with_a_note_where_it_is_not_installed(tmp_path, monkeypatch):
+    """Without llama_cpp, ``--only llamacpp`` writes its section as a one-line note naming how
+    to install it, and leaves the other sections of BENCHMARKS.md as they were."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a),
+    )
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    speed.write_only_sections(["llamacpp"], report)
+    text = report.read_text()
+    assert "## Other\n\nkept\n" in text
+    assert f"## {speed.LLAMA}\n\nSkipped in this run: llama_cpp is not importable" in text
+    assert "pip install llama-cpp-python" in text

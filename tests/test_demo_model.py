@@ -1,4 +1,5 @@
-"""qwen_magic.backends.kernel.demo_model: the offline demo model's parts, its cache folder and its one-time build.
+"""qwen_magic.backends.kernel.demo_model: the offline demo model's parts, its cache folder and its
+one-time build.
 
 Builds run under a temporary cache root. The real conversion runs once, in the ``demo_path``
 fixture; tests of the build's bookkeeping (rebuild, locking, atomicity) replace the minute-long

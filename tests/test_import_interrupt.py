@@ -1,4 +1,5 @@
-"""qwen_magic.backends.kernel.heavy_imports: a Ctrl-C during the first %qwen_load's imports leaves a usable kernel.
+"""qwen_magic.backends.kernel.heavy_imports: a Ctrl-C during the first %qwen_load's imports leaves
+a usable kernel.
 
 The kernel tests interrupt a real ipykernel the way JupyterLab's stop button does
 (``interrupt_kernel``: SIGINT to the kernel's process group) while its first ``%qwen_load`` is

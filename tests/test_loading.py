@@ -1,4 +1,5 @@
-"""qwen_magic.backends.kernel.loading: %qwen_load and load() on the real transformers path, with the tiny model.
+"""qwen_magic.backends.kernel.loading: %qwen_load and load() on the real transformers path, with
+the tiny model.
 
 Mocks stand in only for what this CPU-only machine cannot produce: a GPU being present or absent,
 little free memory, and an out-of-memory error while the weights load.

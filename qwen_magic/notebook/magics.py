@@ -261,6 +261,13 @@ class QwenMagics(MagicsSettings):
         help="Decode into a static KV cache, compiled with torch.compile on CUDA: faster "
         "decoding after a slow first reply (compiling). Context: QwenMagics.fast_cache_tokens.",
     )
+    @argument(
+        "--lookup",
+        action="store_true",
+        help="Prompt-lookup decoding for this reply, whatever the dtype and sampling "
+        "(default: QwenMagics.prompt_lookup). Faster where the reply copies the prompt.",
+    )
+    @argument("--no-lookup", action="store_true", help="Plain decoding for this reply.")
     @cell_magic
     @one_line_errors
     def qwen(self, line: str, cell: str) -> None:
@@ -278,6 +285,8 @@ class QwenMagics(MagicsSettings):
         conversation, and goes where -o and --code say."""
         if args.greedy and args.sample:
             raise QwenMagicError("Choose one of --greedy and --sample.")
+        if getattr(args, "lookup", False) and getattr(args, "no_lookup", False):
+            raise QwenMagicError("Choose one of --lookup and --no-lookup.")
         if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
             raise QwenMagicError(
                 f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "

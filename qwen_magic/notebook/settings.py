@@ -73,6 +73,13 @@ class MagicsSettings(Magics):
         help="Fast mode's static cache size in tokens (prompt + reply), at most the model's "
         "context; allocated once per model, so changing it recompiles.",
     ).tag(config=True)
+    prompt_lookup = Enum(
+        ("auto", "on", "off"),
+        "auto",
+        help="Prompt-lookup decoding in this kernel (as --lookup / --no-lookup): drafts the "
+        "reply from the prompt and checks several tokens per pass, faster for edits. auto: "
+        "greedy replies of an int8/int4 model on the CPU, whose ids it provably keeps.",
+    ).tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)
@@ -92,4 +99,11 @@ class MagicsSettings(Magics):
             seed=getattr(args, "seed", None),
             fast=getattr(args, "fast", False) or self.fast,
             fast_cache_tokens=self.fast_cache_tokens,
+            prompt_lookup=(
+                "on"
+                if getattr(args, "lookup", False)
+                else "off"
+                if getattr(args, "no_lookup", False)
+                else self.prompt_lookup
+            ),
         )

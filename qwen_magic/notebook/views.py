@@ -10,7 +10,8 @@ one-line footer, each with the same words as ``text/plain`` (:func:`final_bundle
 notebook reads well anywhere (GitHub, nbconvert, a terminal) and not only where widgets render.
 
 The Stop button needs help to work at all, since the kernel's main thread is busy running this
-very cell: :class:`~qwen_magic.notebook.comm_pump.CommPump` handles the button's clicks from the cell's
+very cell: :class:`~qwen_magic.notebook.comm_pump.CommPump` handles the button's clicks from the
+cell's
 thread whenever the view is updated or waits.
 
 :class:`TextView` (terminal IPython, plain Python) writes each chunk to stdout as it arrives;

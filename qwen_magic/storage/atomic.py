@@ -104,7 +104,8 @@ def prepare_folder(target: Path) -> str:
         folder.mkdir()
     except OSError as error:
         raise QwenMagicError(
-            f"Could not create the folder {folder} ({os_error_reason(error)}); choose another place."
+            f"Could not create the folder {folder} ({os_error_reason(error)}); "
+            "choose another place."
         ) from error
     return f" (created the folder {folder})"
 
@@ -156,7 +157,10 @@ def os_error_reason(error: OSError) -> str:
 
 
 def write_failure(path: Path, error: OSError) -> str:
-    return f"Could not write {path} ({os_error_reason(error)}); nothing was changed. Choose another place."
+    return (
+        f"Could not write {path} ({os_error_reason(error)}); nothing was changed. "
+        "Choose another place."
+    )
 
 
 def move_into_place(built: Path, target: Path) -> None:

@@ -63,7 +63,8 @@ def read_book(path: Path) -> ConversationBook:
         ) from error
     except OSError as error:
         raise QwenMagicError(
-            f"Cannot read {path} ({os_error_reason(error)}); {untouched}. Make it readable, or move it "
+            f"Cannot read {path} ({os_error_reason(error)}); {untouched}. "
+            "Make it readable, or move it "
             "aside to start a new history for this notebook."
         ) from error
     try:

@@ -1,4 +1,4 @@
-"""Markdown exports of a conversation (``%qwen_export``), which never overwrite what is not theirs."""
+"""Markdown exports of a conversation (``%qwen_export``), never written over what is not one."""
 
 from __future__ import annotations
 

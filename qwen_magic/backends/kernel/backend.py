@@ -1,15 +1,19 @@
 """The model runs in this kernel: :class:`KernelBackend`, the in-kernel ``Backend``.
 
-It wraps a :class:`~qwen_magic.backends.kernel.loading.LoadedModel` (weights and tokenizer, loaded by
+It wraps a :class:`~qwen_magic.backends.kernel.loading.LoadedModel` (weights and tokenizer, loaded
+by
 :mod:`qwen_magic.backends.kernel.loading`) and owns everything kept between its replies:
 
-* each conversation's KV cache (:class:`~qwen_magic.backends.kernel.caches.PromptCache`), so a follow-up only
+* each conversation's KV cache (:class:`~qwen_magic.backends.kernel.caches.PromptCache`), so a
+follow-up only
   prefills its new tokens; the last few conversations keep theirs;
-* fast mode's one static cache (:class:`~qwen_magic.backends.kernel.caches.StaticCacheSlot`), whose size is then
+* fast mode's one static cache (:class:`~qwen_magic.backends.kernel.caches.StaticCacheSlot`), whose
+size is then
   the context a conversation is fitted into;
 * the prompt encoder, which renders a turn's prompt once for fitting and generating.
 
-Replies are :class:`~qwen_magic.backends.kernel.reply.KernelReply` objects. Closing the backend drops the
+Replies are :class:`~qwen_magic.backends.kernel.reply.KernelReply` objects. Closing the backend
+drops the
 model and its caches and frees their memory.
 """
 

@@ -53,7 +53,7 @@ class ModelSpec:
     attention: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
-    #: Weight-only quantization: "none", "int8" or "int4" (see :mod:`qwen_magic.backends.kernel.quantize.formats`).
+    #: Weight-only quantization: "none", "int8" or "int4" (see ``backends.kernel.quantize``).
     quantize: str = "none"
 
     def __post_init__(self) -> None:
@@ -355,6 +355,10 @@ def _load_weights(spec: ModelSpec, plan: _Plan, say: Progress) -> LoadedModel:
                 say=say,
             )
             plan.notices.extend(quantize_notes)
+            if not plan.on_cuda:  # prompts read at bf16 speed (quantized_prefill.py)
+                from qwen_magic.backends.kernel.quantize.prefill import use_many_row_prefill
+
+                use_many_row_prefill(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 plan.path,

@@ -11,7 +11,8 @@ with int4 weights instead of 54, and bf16 at 17 instead of 19 (the seed recipe's
 
 :func:`release_thread_team` frees the calling thread's team (OpenMP's
 ``omp_pause_resource_all``); a new one is made, in microseconds, the next time that thread runs
-parallel work. :mod:`qwen_magic.backends.kernel.reply` calls it on the kernel's thread before a reply starts
+parallel work. :mod:`qwen_magic.backends.kernel.reply` calls it on the kernel's thread before a
+reply starts
 on the worker, and on the worker when the reply is done, so the user's own code after the reply
 runs at full speed too.
 

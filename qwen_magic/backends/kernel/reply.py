@@ -17,6 +17,9 @@
   fast mode's static one) through one interface: take a cache for the prompt, generate the rest,
   tell the cache what it now holds. A cache that needs one long-lived thread (fast mode's, for
   its CUDA graphs) gets it.
+* Prompt-lookup decoding (:mod:`~qwen_magic.backends.kernel.prompt_lookup`) drafts tokens from
+  the prompt and verifies several per pass where ``options.prompt_lookup`` and the model allow;
+  the streamer then gets several tokens at once, and the cancel is still checked after every pass.
 * The worker's OpenMP thread team is the only one while it runs
   (:mod:`~qwen_magic.backends.kernel.openmp`): a second one, left by the thread that loaded the
   model, made a CPU decode up to 1.5x slower.
@@ -37,6 +40,12 @@ from qwen_magic.backends.kernel.devices import free_memory, is_out_of_memory
 from qwen_magic.backends.kernel.loading import LoadedModel
 from qwen_magic.backends.kernel.openmp import release_thread_team
 from qwen_magic.backends.kernel.prefill import cache_argument, prefill
+from qwen_magic.backends.kernel.prompt_lookup import (
+    LookupPolicy,
+    drafting,
+    lookup_generate_kwargs,
+    plan_lookup,
+)
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
@@ -121,6 +130,8 @@ class KernelReply(ThreadedReply):
         self._sequence: list[int] | None = None
         self._kwargs: dict[str, Any] = {}
         self._cache_source: PromptCache | StaticCacheSlot | None = None
+        #: The reply's prompt-lookup drafting and what it achieved; None: plain decoding.
+        self.lookup: LookupPolicy | None = None
 
     def _exclusive(self) -> contextlib.AbstractContextManager[Any]:
         if not _generation_lock.acquire(blocking=False):
@@ -148,6 +159,9 @@ class KernelReply(ThreadedReply):
             cache_argument(): cache,
             "stopping_criteria": _stop_on(self._cancel),
         }
+        self.lookup = self._plan_lookup()
+        if self.lookup is not None:
+            self._kwargs.update(lookup_generate_kwargs(self.lookup))
         release_thread_team()  # this thread's, so the worker's is the only one (openmp.py)
 
     def _submit(self, work: Callable[[], None], done: threading.Event) -> None:
@@ -168,11 +182,25 @@ class KernelReply(ThreadedReply):
                 prefill(self.loaded.model, kwargs, self._cancel)
                 if self._cancel.is_set():  # stopped while reading the prompt: nothing to say
                     return
-                output = self.loaded.model.generate(**kwargs)
+                with drafting(self.loaded.model, self.lookup):
+                    output = self.loaded.model.generate(**kwargs)
             self._sequence = output[0].tolist()
         finally:
             kwargs.clear()  # the worker lets go of the tensors before it says it ended
             release_thread_team()  # the user's code after the reply runs at full speed too
+
+    def _plan_lookup(self) -> LookupPolicy | None:
+        model = self.loaded.model
+        sampling = self.options.sampling
+        if sampling is None:  # the model's own default
+            sampling = bool(getattr(model.generation_config, "do_sample", False))
+        return plan_lookup(
+            self.options.prompt_lookup,
+            quantization=self.loaded.quantization,
+            sampling=sampling,
+            attention=str(model.config._attn_implementation),
+            device_type=model.device.type,
+        )
 
     def _on_tokens(self, count: int) -> None:
         if self.stats.first_token_seconds is None:

@@ -3,7 +3,8 @@
 **A reply** (:class:`ServerReply`) does nothing until iterated. Then a worker thread sends the
 request and reads the stream into a queue, while the caller's thread takes pieces from the queue
 with a short timeout, yielding a ``Waiting`` event between them (a Stop click is seen while the
-server is still reading a long prompt). :meth:`ServerReply.cancel` shuts the connection's socket at once,
+server is still reading a long prompt). :meth:`ServerReply.cancel` shuts the connection's socket at
+once,
 before the server's headers as after them (the socket is known from the moment it connects:
 :mod:`.sockets`): the worker's blocked read returns, and the server sees the client leave.
 Ctrl-C while iterating cancels the same way, joins the worker and re-raises, well within a
