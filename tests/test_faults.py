@@ -296,6 +296,46 @@ def test_a_history_from_before_turn_ids_still_loads(tmp_path):
     assert len({t.turn_id for t in turns}) == 3
 
 
+def write_id_less_history(path: Path) -> None:
+    """A history as written before turns had ids, or by hand: user and assistant only."""
+    turns = [{"user": "old q1", "assistant": "old a1"}, {"user": "old q2", "assistant": "old a2"}]
+    chat = {"name": "default", "system_prompt": "You are a helpful assistant.", "turns": turns}
+    payload = {"format": codec.FORMAT, "version": codec.VERSION, "conversations": {"default": chat}}
+    path.write_text(json.dumps(payload))
+
+
+def test_an_id_less_history_is_not_duplicated_by_the_first_autosave(shell, tiny, notebook, capsys):
+    """A restored history whose turns have no ids is saved once, with the new turn after it and
+    no note about another kernel, and the next kernel restores exactly those turns."""
+    path = history(notebook)
+    write_id_less_history(path)
+    assert "Restored 2 turns" in session().attach_history(shell)
+    capsys.readouterr()
+    ask(shell, "New 0.")
+    assert "another kernel" not in capsys.readouterr().out
+    assert saved_users(path) == ["old q1", "old q2", "New 0."]
+    ask(shell, "New 1.")
+    assert saved_users(path) == ["old q1", "old q2", "New 0.", "New 1."]
+    again = HistoryStore(path).load()  # the next kernel
+    assert users(again) == ["old q1", "old q2", "New 0.", "New 1."]
+
+
+def test_two_kernels_restoring_one_id_less_history_never_duplicate_it(tmp_path):
+    """Two kernels that both restored an id-less history and each add a turn end with the old
+    turns once and both new turns, each noting only the other's one turn."""
+    path = tmp_path / "h.qwen.json"
+    write_id_less_history(path)
+    a, b = HistoryStore(path), HistoryStore(path)
+    a_book, b_book = a.load(), b.load()
+    a_book.get().record(Turn("from a", "x"))
+    assert a.save(a_book) is None
+    b_book.get().record(Turn("from b", "x"))
+    assert b.save(b_book).startswith("Kept 1 turn that another kernel wrote")
+    a_book.get().record(Turn("a again", "x"))
+    assert a.save(a_book).startswith("Kept 1 turn that another kernel wrote")
+    assert saved_users(path) == ["old q1", "old q2", "from a", "from b", "a again"]
+
+
 def test_the_checked_fields_are_exactly_the_turns_fields():
     """The validator checks every field a Turn has, no more, no fewer."""
     from dataclasses import fields
