@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from keyword import iskeyword
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +275,8 @@ class QwenMagics(MagicsSettings):
         conversation, and goes where -o and --code say."""
         if args.greedy and args.sample:
             raise QwenMagicError("Choose one of --greedy and --sample.")
-        if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
-            raise QwenMagicError(
-                f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "
-                "e.g. -o reply."
-            )
+        if args.out is not None:
+            arguments.check_output_name(args.out, self.shell)
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt
@@ -393,11 +389,19 @@ class QwenMagics(MagicsSettings):
     def qwen_system(self, line: str = "") -> None:
         """Show or set a conversation's system prompt."""
         args = parse_argstring(self.qwen_system, line)
+        new = args.conversation not in self.chat.book.conversations
+        if new and not args.prompt and args.conversation != DEFAULT_NAME:
+            known = ", ".join(self.chat.book.names()) or "none yet"
+            raise QwenMagicError(
+                f"No conversation named {args.conversation!r} (known: {known}); to start it "
+                f"with a system prompt, give one: %qwen_system -c {args.conversation} PROMPT."
+            )
         conversation = self.chat.conversation(args.conversation)
         if args.prompt:
             conversation.system_prompt = " ".join(args.prompt)
             self._changed()
-        print(f"System prompt of {conversation.name!r}: {conversation.system_prompt!r}")
+        created = "Created the conversation; s" if new and args.prompt else "S"
+        print(f"{created}ystem prompt of {conversation.name!r}: {conversation.system_prompt!r}")
 
     # -- saving and restoring ------------------------------------------------------------
 
