@@ -415,12 +415,32 @@ REPLY_WITH_CODE = (
             ["for i in range(3):\n    print(i)"],
         ),
         ("```json\n{}\n```\nno python here", []),
+        (
+            'A string:\n\n```python\ns = """\n```\n"""\nprint(s)\n```\n\nDone.',
+            ['s = """\n```\n"""\nprint(s)'],
+        ),
+        ("````python\nfence = '''\n```\n'''\n````\n", ["fence = '''\n```\n'''"]),
+        ("> ```python\n> quoted = 1\n> ```", ["quoted = 1"]),
+        ("```python\nbroken = '''\n```\nafter", ["broken = '''"]),
         ("no code at all", []),
     ],
 )
 def test_code_blocks_are_the_python_fences(reply, blocks):
     """Python, py and bare fences count (also indented, or left open at the end); others not."""
     assert code_cells.code_blocks(reply) == blocks
+
+
+def test_code_says_when_the_last_block_looks_cut(shell, capsys):
+    """A reply that ends inside its code block (cut by -n) still gives its code, and the line
+    says the block looks cut short; a closed block gets no such note."""
+    scripted("Here:\n```python\nfor i in range(3):\n    print(i")
+    shell.run_cell_magic("qwen", "--view text --code", "Count.")
+    out = capsys.readouterr().out
+    assert "its last block looks cut short" in out
+    assert shell.rl_next_input == "for i in range(3):\n    print(i"
+    scripted("```python\nx = 1\n```")
+    shell.run_cell_magic("qwen", "--view text --code", "Again.")
+    assert "cut short" not in capsys.readouterr().out
 
 
 def test_python_code_joins_the_blocks_into_one_cell():
