@@ -594,6 +594,47 @@ def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path
     ]
 
 
+# -- 11. a path that an ASCII-locale kernel cannot encode ---------------------------------------
+
+
+def test_a_non_ascii_path_in_an_ascii_locale_kernel_is_one_line(tmp_path):
+    """In a kernel whose file names are ASCII only (LC_ALL=C, PYTHONUTF8=0), %qwen_save,
+    %qwen_export and %qwen_restore to a path with an é each fail with one line saying why and
+    what to do, instead of a raw UnicodeEncodeError; nothing is written."""
+    script = (
+        "import sys\n"
+        "from IPython.core.error import UsageError\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_line_magic('load_ext', 'qwen_magic')\n"
+        "import qwen_magic\n"
+        "from qwen_magic.conversation import Turn\n"
+        "qwen_magic.current_session().conversations.get().record(Turn('q', 'a'))\n"
+        "print(sys.getfilesystemencoding())\n"
+        "for magic, name in [('qwen_save', 'caf\\u00e9.qwen.json'),\n"
+        "                    ('qwen_export', 'caf\\u00e9.md'),\n"
+        "                    ('qwen_restore', 'caf\\u00e9.qwen.json')]:\n"
+        "    try:\n"
+        "        ip.run_line_magic(magic, sys.argv[1] + '/' + name)\n"
+        "    except UsageError as error:\n"
+        "        print(ascii(str(error)))\n"
+    )
+    package_root = str(Path(qwen_magic.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    encoding, *errors = done.stdout.splitlines()
+    assert encoding == "ascii"
+    assert len(errors) == 3, done.stdout
+    for error in errors:
+        assert "cannot be used on this system" in error and "LANG=C.UTF-8" in error, error
+    assert "UnicodeEncodeError" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- 12. saving and exporting into folders and read-only places ----------------------------------
 
 

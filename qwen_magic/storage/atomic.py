@@ -26,6 +26,7 @@ import errno
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,21 @@ def resolve_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def refuse_unencodable(path: Path) -> None:
+    """Refuse, in one line, a path this system cannot name: a kernel started with an ASCII
+    locale (``LC_ALL=C`` with ``PYTHONUTF8=0``) cannot encode ``é`` in a file name."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as error:
+        char = error.object[error.start : error.end]
+        raise QwenMagicError(
+            f"The path {str(path)!a} cannot be used on this system: file names here are "
+            f"{sys.getfilesystemencoding()} only (the kernel runs with an ASCII locale, such as "
+            f"LC_ALL=C) and {char!a} is not; use a name in plain ASCII, or start Jupyter with a "
+            "UTF-8 locale (LANG=C.UTF-8, or PYTHONUTF8=1)."
+        ) from None
+
+
 def same_file(one: Path, other: Path) -> bool:
     return os.path.realpath(one) == os.path.realpath(other)
 
@@ -104,7 +120,8 @@ def prepare_folder(target: Path) -> str:
         folder.mkdir()
     except OSError as error:
         raise QwenMagicError(
-            f"Could not create the folder {folder} ({os_error_reason(error)}); choose another place."
+            f"Could not create the folder {folder} ({os_error_reason(error)}); "
+            "choose another place."
         ) from error
     return f" (created the folder {folder})"
 
@@ -156,7 +173,8 @@ def os_error_reason(error: OSError) -> str:
 
 
 def write_failure(path: Path, error: OSError) -> str:
-    return f"Could not write {path} ({os_error_reason(error)}); nothing was changed. Choose another place."
+    reason = os_error_reason(error)
+    return f"Could not write {path} ({reason}); nothing was changed. Choose another place."
 
 
 def move_into_place(built: Path, target: Path) -> None:
