@@ -287,6 +287,7 @@ class QwenMagics(MagicsSettings):
             conversation.system_prompt = args.set_system
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
+        self.chat.context_tokens = self.context_tokens
         try:
             turn = self.chat.ask(
                 message,
