@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_magic.backends.base import Backend, Notice, ReplyStats
+from qwen_magic.errors import QwenMagicError
 from qwen_magic.options import GenerationOptions
 
 #: The default budget for a model in this kernel on the CPU (a few tens of seconds of reading).
@@ -50,6 +51,11 @@ def runs_on_cpu(backend: Backend) -> bool:
 def context_for(backend: Backend, options: GenerationOptions, budget: int | None) -> int:
     """The context a conversation is fitted into: the model's, bounded by ``budget`` (None or
     0: :data:`CPU_BUDGET` on a CPU, no bound elsewhere)."""
+    if budget is not None and budget < 0:
+        raise QwenMagicError(
+            f"QwenMagics.context_tokens must be a number of tokens, or 0 for the default "
+            f"(got {budget}); e.g. %config QwenMagics.context_tokens = 4096."
+        )
     model = backend.context_length(options)
     if not budget:
         budget = CPU_BUDGET if runs_on_cpu(backend) else model

@@ -15,6 +15,7 @@ from qwen_magic.backends.base import TextDelta
 from qwen_magic.chat import Chat
 from qwen_magic.context_budget import CPU_BUDGET, context_for, runs_on_cpu
 from qwen_magic.conversation import ConversationBook, Turn
+from qwen_magic.errors import QwenMagicError
 from qwen_magic.notebook.report import NOTEBOOK
 from qwen_magic.options import GenerationOptions
 from qwen_magic.presentation import NullView, Presentation
@@ -52,6 +53,8 @@ def test_a_model_on_the_cpu_reads_at_most_8192_tokens_by_default(long_context):
     assert context_for(long_context, GREEDY, None) == CPU_BUDGET == 8192
     assert context_for(long_context, GREEDY, 3000) == 3000
     assert context_for(long_context, GREEDY, 100_000) == 32768
+    with pytest.raises(QwenMagicError, match="must be a number of tokens, or 0"):
+        context_for(long_context, GREEDY, -1)
     scripted = ScriptedBackend(context_tokens=32768)  # not a model on this CPU
     assert not runs_on_cpu(scripted) and context_for(scripted, GREEDY, None) == 32768
 
