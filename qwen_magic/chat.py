@@ -9,16 +9,17 @@
     chat.ask("Show a three-line example.")       # a follow-up: the history goes along
     chat.conversation().turns                     # what was said, with timings
 
-One :meth:`Chat.ask` fits the conversation into the backend's context (the oldest turns are
-left out first), streams the reply into a view, and records the turn. It knows the backend only
-through :class:`qwen_magic.backends.base.Backend`, so it works the same with a model in the kernel
-and
-with a server. If generation fails, nothing is recorded. If it is interrupted (Ctrl-C, the
-kernel's stop button), the partial reply is recorded and marked so, then the interrupt goes on
-to stop the rest of the notebook run. The widget's own Stop button cancels the reply instead:
-the partial reply is recorded and marked interrupted just the same, but the cell ends normally
-and the notebook run goes on. A reply cut short is not recorded when it is a re-run of a cell
-(the cell's earlier turn, and the turns after it, stay as they were) or when it had no text yet.
+One :meth:`Chat.ask` fits the conversation into the backend's context (the oldest turns are left
+out first), streams the reply into a view, and records the turn. It knows the backend only
+through :class:`qwen_magic.backends.base.Backend`, so it works the same with a model in the
+kernel and with a server. If generation fails, nothing is recorded. If it is interrupted
+(Ctrl-C, the kernel's stop button), the partial reply is recorded and marked so, then the
+interrupt goes on to stop the rest of the notebook run. The widget's own Stop button cancels the
+reply instead: the partial reply is recorded and marked interrupted just the same, but the cell
+ends normally and the notebook run goes on. A reply cut short is not recorded when it is a
+re-run of a cell (the cell's earlier turn, and the turns after it, stay as they were) or when
+it had no text yet. The conversation is fitted into a context budget, and an ask that must read
+a long prompt first says so before the wait (:mod:`qwen_magic.context_budget`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 from qwen_magic import session as kernel_session
-from qwen_magic.backends.base import Backend, Message, Reply, TextDelta, Waiting
+from qwen_magic.backends.base import Backend, Message, Notice, Reply, TextDelta, Waiting
+from qwen_magic.context_budget import LONG_READ_TOKENS, PrefillMeter, context_for
 from qwen_magic.conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
 from qwen_magic.errors import ContextTooLong, QwenMagicError
 from qwen_magic.options import GenerationOptions
@@ -61,6 +63,10 @@ class Chat:
         self.presentation = presentation or default_presentation()
         #: Let the backend keep per-conversation state (a KV cache) for cheap follow-ups.
         self.reuse_cache = reuse_cache
+        #: The most context one ask may read (``QwenMagics.context_tokens``); None or 0: 8192
+        #: tokens on a CPU, the model's whole context elsewhere (see qwen_magic.context_budget).
+        self.context_tokens: int | None = None
+        self.prefill = PrefillMeter()
 
     @property
     def book(self) -> ConversationBook:
@@ -88,10 +94,9 @@ class Chat:
         """Send ``message``, stream the reply into ``view``, record and return the turn.
 
         ``view`` is ``"auto"``, ``"widget"``, ``"text"``, a
-        :class:`~qwen_magic.notebook.views.View` (or
-        any object with its ``update(text)`` and ``finish(text, footer)``; ``start`` is
-        optional), or a function making one (called only once the message is known to fit, so
-        an error leaves no empty widget).
+        :class:`~qwen_magic.notebook.views.View` (or any object with its ``update(text)`` and
+        ``finish(text, footer)``; ``start`` is optional), or a function making one (called only
+        once the message is known to fit, so an error leaves no empty widget).
         """
         if not message.strip():
             raise QwenMagicError("The message is empty; write your question in the cell body.")
@@ -105,7 +110,12 @@ class Chat:
         shown: View | None = None
         for attempt in (1, 2):
             messages, dropped = self._fit(backend, chat, message, options, cell_id, system_prompt)
-            for notice in backend.notices(options):
+            notices = backend.notices(options)
+            if (
+                long_read := self._long_read(backend, chat, messages, dropped, options)
+            ) is not None:
+                notices.append(long_read)
+            for notice in notices:
                 self.presentation.say(self.presentation.notice_text(notice))
             reply = backend.start(
                 messages, options, conversation=id(chat) if self.reuse_cache else None
@@ -115,7 +125,10 @@ class Chat:
             if (start := getattr(shown, "start", None)) is not None:  # optional for your own
                 start(reply)
             try:
-                return self._stream(chat, message, reply, shown, cell_id, options)
+                try:
+                    return self._stream(chat, message, reply, shown, cell_id, options)
+                finally:
+                    self.prefill.after(backend, id(chat), reply.stats)
             except ContextTooLong:
                 if attempt == 2 or reply.text:
                     raise
@@ -132,11 +145,18 @@ class Chat:
         cell_id: str | None,
         system_prompt: str | None,
     ) -> tuple[list[Message], int]:
-        context = backend.context_length(options)
+        context = context_for(backend, options, self.context_tokens)
         if options.max_new_tokens >= context:
+            model_context = backend.context_length(options)
+            where = (
+                f"this model's {context}-token context"
+                if context == model_context
+                else f"the {context}-token context budget (QwenMagics.context_tokens; the "
+                f"model's context is {model_context})"
+            )
             raise QwenMagicError(
                 f"--max-new-tokens {options.max_new_tokens} leaves no room for the message in "
-                f"this model's {context}-token context; give less, e.g. -n {context // 4}."
+                f"{where}; give less, e.g. -n {context // 4}."
             )
         try:
             return chat.fit(
@@ -152,6 +172,28 @@ class Chat:
                 words = "; ".join(self.presentation.notice_text(notice) for notice in advice)
                 raise QwenMagicError(f"{error} ({words})") from error
             raise
+
+    def _long_read(
+        self,
+        backend: Backend,
+        chat: Conversation,
+        messages: list[Message],
+        dropped: int,
+        options: GenerationOptions,
+    ) -> Notice | None:
+        """The notice for an ask that reads a long prompt before its first token, if it does."""
+        context = context_for(backend, options, self.context_tokens)
+        if context < LONG_READ_TOKENS:
+            return None
+        return self.prefill.before(
+            backend,
+            id(chat),
+            backend.count_tokens(messages),
+            dropped,
+            reuse_cache=self.reuse_cache,
+            context=context,
+            model_context=backend.context_length(options),
+        )
 
     def _stream(
         self,

@@ -15,7 +15,10 @@ are fine: a name is never a path); an empty name, a line break or surrounding sp
 
 Every turn carries a ``turn_id`` (a random hex string made when the turn is), so two kernels
 writing one history file can tell their turns apart (see :mod:`qwen_magic.storage.history`). Files
-from before ``turn_id`` existed still load; their turns get an id then.
+from before ``turn_id`` existed (or written by hand or by a script) still load; a turn without an
+id gets one made from its content and place (:func:`content_turn_id`), so every reading of that
+file, in this kernel or another, gives the turn the same id and the merge never takes it for
+another kernel's turn.
 
 Saved conversations are checked field by field when they are read back
 (:func:`conversation_problem`): a file whose turns have the wrong types (``"user": null``, stats
@@ -30,6 +33,8 @@ so that follow-ups keep reusing the backend's cached prefix.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import unicodedata
@@ -50,6 +55,17 @@ MAX_NAME_LENGTH = 200
 def new_turn_id() -> str:
     """A fresh, practically unique turn id (uuid4 as 32 hex digits)."""
     return uuid.uuid4().hex
+
+
+def content_turn_id(conversation: str, index: int, turn: dict[str, Any]) -> str:
+    """The id of a saved turn that has none: a hash of its conversation, place and content.
+
+    The same file read twice (at ``%load_ext``, then again under the lock before a save, or by
+    a second kernel) gives the same ids, so the turns are recognised as the ones already held.
+    """
+    fields = [conversation, index, turn.get("user"), turn.get("assistant"), turn.get("created")]
+    digest = hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()[:32]
 
 
 def name_problem(name: object, *, new: bool = True) -> str | None:
@@ -269,7 +285,12 @@ class Conversation:
         return cls(
             name=data["name"],
             system_prompt=data["system_prompt"],
-            turns=[Turn(**turn) for turn in data["turns"]],
+            turns=[
+                Turn(**turn)
+                if "turn_id" in turn
+                else Turn(**turn, turn_id=content_turn_id(data["name"], index, turn))
+                for index, turn in enumerate(data["turns"])
+            ],
         )
 
     def to_markdown(self) -> str:

@@ -1,5 +1,5 @@
-"""qwen_magic.backends.kernel.demo_model: the offline demo model's parts, its cache folder and its
-one-time build.
+"""qwen_magic.backends.kernel.demo_model: the offline demo model's parts, its cache folder and
+its one-time build.
 
 Builds run under a temporary cache root. The real conversion runs once, in the ``demo_path``
 fixture; tests of the build's bookkeeping (rebuild, locking, atomicity) replace the minute-long
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import json
 import threading
 import time
@@ -477,3 +478,40 @@ def test_qwen_load_demo_answers_and_loads_once(shell, demo_path, capsys):
     assert f"{loaded.name} is already loaded" in capsys.readouterr().out
     print(f"second %qwen_load demo took {seconds * 1000:.1f} ms")
     assert seconds < 1.0
+
+
+CONVERSION_IMPORTS = """
+import tempfile
+from pathlib import Path
+from qwen_magic.backends.kernel import demo_model
+folder = Path(tempfile.mkdtemp())
+try:  # the imports run, then loading the missing file fails: nothing is reconverted
+    demo_model.convert_gguf(folder / "missing.gguf", folder / "out", progress=lambda line: None)
+except OSError as error:
+    print("stopped at the missing file:", type(error).__name__)
+import sys  # the module that imports torchao (and logs) was imported on the way
+print("torchao imported:", "torchao" in sys.modules, "transformers.quantizers.auto" in sys.modules)
+"""
+
+
+def test_the_conversion_prints_nothing_on_stderr_while_it_imports(tmp_path):
+    """The demo conversion's imports (transformers, which imports torchao where installed) put
+    nothing on stderr: no torchao 'Failed to load' lines, no torch _pytree deprecations."""
+    import os
+    import subprocess
+    import sys
+
+    package_root = str(Path(demo_model.__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": package_root}
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERSION_IMPORTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert "stopped at the missing file: OSError" in done.stdout, done.stderr
+    if importlib.util.find_spec("torchao") is not None:
+        assert "torchao imported: True True" in done.stdout
+    assert done.stderr == ""

@@ -297,6 +297,46 @@ def test_a_history_from_before_turn_ids_still_loads(tmp_path):
     assert len({t.turn_id for t in turns}) == 3
 
 
+def write_id_less_history(path: Path) -> None:
+    """A history as written before turns had ids, or by hand: user and assistant only."""
+    turns = [{"user": "old q1", "assistant": "old a1"}, {"user": "old q2", "assistant": "old a2"}]
+    chat = {"name": "default", "system_prompt": "You are a helpful assistant.", "turns": turns}
+    payload = {"format": codec.FORMAT, "version": codec.VERSION, "conversations": {"default": chat}}
+    path.write_text(json.dumps(payload))
+
+
+def test_an_id_less_history_is_not_duplicated_by_the_first_autosave(shell, tiny, notebook, capsys):
+    """A restored history whose turns have no ids is saved once, with the new turn after it and
+    no note about another kernel, and the next kernel restores exactly those turns."""
+    path = history(notebook)
+    write_id_less_history(path)
+    assert "Restored 2 turns" in session().attach_history(shell)
+    capsys.readouterr()
+    ask(shell, "New 0.")
+    assert "another kernel" not in capsys.readouterr().out
+    assert saved_users(path) == ["old q1", "old q2", "New 0."]
+    ask(shell, "New 1.")
+    assert saved_users(path) == ["old q1", "old q2", "New 0.", "New 1."]
+    again = HistoryStore(path).load()  # the next kernel
+    assert users(again) == ["old q1", "old q2", "New 0.", "New 1."]
+
+
+def test_two_kernels_restoring_one_id_less_history_never_duplicate_it(tmp_path):
+    """Two kernels that both restored an id-less history and each add a turn end with the old
+    turns once and both new turns, each noting only the other's one turn."""
+    path = tmp_path / "h.qwen.json"
+    write_id_less_history(path)
+    a, b = HistoryStore(path), HistoryStore(path)
+    a_book, b_book = a.load(), b.load()
+    a_book.get().record(Turn("from a", "x"))
+    assert a.save(a_book) is None
+    b_book.get().record(Turn("from b", "x"))
+    assert b.save(b_book).startswith("Kept 1 turn that another kernel wrote")
+    a_book.get().record(Turn("a again", "x"))
+    assert a.save(a_book).startswith("Kept 1 turn that another kernel wrote")
+    assert saved_users(path) == ["old q1", "old q2", "from a", "from b", "a again"]
+
+
 def test_the_checked_fields_are_exactly_the_turns_fields():
     """The validator checks every field a Turn has, no more, no fewer."""
     from dataclasses import fields
@@ -556,6 +596,47 @@ def test_two_real_kernels_on_one_notebook_keep_each_others_turns(tiny_model_path
         "from the second tab",
         "first tab again",
     ]
+
+
+# -- 11. a path that an ASCII-locale kernel cannot encode ---------------------------------------
+
+
+def test_a_non_ascii_path_in_an_ascii_locale_kernel_is_one_line(tmp_path):
+    """In a kernel whose file names are ASCII only (LC_ALL=C, PYTHONUTF8=0), %qwen_save,
+    %qwen_export and %qwen_restore to a path with an é each fail with one line saying why and
+    what to do, instead of a raw UnicodeEncodeError; nothing is written."""
+    script = (
+        "import sys\n"
+        "from IPython.core.error import UsageError\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_line_magic('load_ext', 'qwen_magic')\n"
+        "import qwen_magic\n"
+        "from qwen_magic.conversation import Turn\n"
+        "qwen_magic.current_session().conversations.get().record(Turn('q', 'a'))\n"
+        "print(sys.getfilesystemencoding())\n"
+        "for magic, name in [('qwen_save', 'caf\\u00e9.qwen.json'),\n"
+        "                    ('qwen_export', 'caf\\u00e9.md'),\n"
+        "                    ('qwen_restore', 'caf\\u00e9.qwen.json')]:\n"
+        "    try:\n"
+        "        ip.run_line_magic(magic, sys.argv[1] + '/' + name)\n"
+        "    except UsageError as error:\n"
+        "        print(ascii(str(error)))\n"
+    )
+    package_root = str(Path(qwen_magic.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    encoding, *errors = done.stdout.splitlines()
+    assert encoding == "ascii"
+    assert len(errors) == 3, done.stdout
+    for error in errors:
+        assert "cannot be used on this system" in error and "LANG=C.UTF-8" in error, error
+    assert "UnicodeEncodeError" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- 12. saving and exporting into folders and read-only places ----------------------------------

@@ -93,6 +93,54 @@ def test_out_variable_receives_the_reply(shell, scripted):
     assert shell.user_ns["qm_reply"] == turns()[-1].assistant
 
 
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("print", "would hide Python's built-in print"),
+        ("len", "would hide Python's built-in len"),
+        ("Out", "one of IPython's own names"),
+        ("In", "one of IPython's own names"),
+        ("get_ipython", "one of IPython's own names"),
+        ("exit", "one of IPython's own names"),
+        ("_", "one of IPython's own names"),
+        ("__", "one of IPython's own names"),
+        ("_i", "one of IPython's own names"),
+        ("_i3", "one of IPython's own names"),
+        ("_7", "one of IPython's own names"),
+        ("_oh", "one of IPython's own names"),
+        ("_dh", "one of IPython's own names"),
+    ],
+)
+def test_out_refuses_builtin_and_ipython_names(shell, name, says):
+    """-o with a builtin's or IPython's own name is refused in one line before anything is
+    generated, and the name keeps its value."""
+    before = shell.user_ns.get(name, "absent")
+    with pytest.raises(UsageError, match=re.escape(says)) as error:
+        ask(shell, "hello", f"{FAST} -o {name}")
+    assert "\n" not in str(error.value) and "e.g. -o reply" in str(error.value)
+    assert turns() == []
+    assert shell.user_ns.get(name, "absent") is before
+    shell.run_cell("qm_printed = print")
+    assert shell.user_ns["qm_printed"] is print
+
+
+def test_qwen_system_refuses_an_unknown_conversation_unless_given_a_prompt(shell, capsys):
+    """%qwen_system -c NAME without a prompt refuses a conversation that does not exist (none
+    is created); with a prompt it creates it and says so."""
+    with pytest.raises(UsageError, match=r"No conversation named 'nosuch'.*PROMPT") as error:
+        shell.run_line_magic("qwen_system", "-c nosuch")
+    assert "\n" not in str(error.value)
+    assert "nosuch" not in session().conversations.conversations
+    capsys.readouterr()
+    shell.run_line_magic("qwen_system", "-c notes Be brief.")
+    assert capsys.readouterr().out.startswith("Created the conversation; system prompt of 'notes'")
+    assert session().conversations.get("notes", create=False).system_prompt == "Be brief."
+    shell.run_line_magic("qwen_system", "-c notes")
+    assert capsys.readouterr().out.startswith("System prompt of 'notes': 'Be brief.'")
+    shell.run_line_magic("qwen_system", "")  # the default conversation always answers
+    assert capsys.readouterr().out.startswith("System prompt of 'default'")
+
+
 def test_options_reach_generate(shell, tiny, monkeypatch):
     """Magic options become generate() arguments; the turn records them."""
     calls = spy_on_generate(tiny, monkeypatch)

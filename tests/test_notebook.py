@@ -317,6 +317,68 @@ def test_interpolation_mistakes_are_one_line_errors_naming_them(template, named)
     assert named in message and "\n" not in message
 
 
+def test_a_closing_brace_inside_a_string_literal_does_not_end_the_placeholder():
+    """${x['}']} reads the key '}', and ${x["a}b"]} the key "a}b": a } inside quotes is text."""
+    values = {"x": {"}": "brace", "a}b": "both", "it's": "quote"}}
+    assert interpolation.interpolate("${x['}']} ${x[\"a}b\"]}", values) == "brace both"
+    assert interpolation.interpolate("${x['it\\'s']}!", values) == "quote!"
+
+
+def test_out_with_a_negative_index_points_to_the_underscore_names():
+    """${Out[-1]} (Out is keyed by cell number) is one line that suggests ${_}."""
+    with pytest.raises(QwenMagicError) as caught:
+        interpolation.interpolate("${Out[-1]}", NAMESPACE)
+    message = str(caught.value)
+    assert "use ${_} for the last output" in message and "\n" not in message
+
+
+class ManyLines:
+    def __repr__(self) -> str:
+        return "0123456789\n" * 10_000_000  # 110 MB in ten million lines
+
+
+class CallsItself:
+    def __repr__(self) -> str:
+        return repr(self)
+
+
+class NeverEnds:
+    def __repr__(self) -> str:
+        while True:
+            pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [ManyLines(), ["y" * 50_000_000, list(range(10**6))], {"k": list(range(10**7))}],
+    ids=["huge-repr", "list-with-a-huge-string", "dict-of-a-long-list"],
+)
+def test_a_huge_value_is_cut_in_bounded_time(value):
+    """A value whose text is huge (a 110 MB repr, a 50 MB string in a list, ten million items)
+    is cut to the limit in well under a second, not after formatting it all."""
+    import time
+
+    started = time.perf_counter()
+    text = interpolation.render(value, "${big}")
+    assert time.perf_counter() - started < 1.5
+    assert len(text) < interpolation.VALUE_LIMIT + 100
+    assert text.endswith("is longer than 4,000 characters as text; only the first 4,000 are shown]")
+
+
+def test_a_recursive_or_endless_repr_is_one_line(monkeypatch):
+    """A __repr__ that calls itself, or runs past the time limit, is a one-line error."""
+    from qwen_magic.notebook import bounded_repr
+
+    with pytest.raises(QwenMagicError, match="repr calls itself") as caught:
+        interpolation.interpolate("${x}", {"x": CallsItself()})
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(bounded_repr, "REPR_SECONDS", 0.2)
+    with pytest.raises(QwenMagicError, match=r"took more than 0\.2 s") as caught:
+        interpolation.interpolate("${x}", {"x": NeverEnds()})
+    assert "\n" not in str(caught.value)
+    assert interpolation.interpolate("${x}", {"x": [1, 2]}) == "[1, 2]"  # the timer is gone
+
+
 def test_interpolation_never_calls_anything():
     """A property may run (it is an attribute), but no call in the expression is ever made."""
     called = []
@@ -361,12 +423,32 @@ REPLY_WITH_CODE = (
             ["for i in range(3):\n    print(i)"],
         ),
         ("```json\n{}\n```\nno python here", []),
+        (
+            'A string:\n\n```python\ns = """\n```\n"""\nprint(s)\n```\n\nDone.',
+            ['s = """\n```\n"""\nprint(s)'],
+        ),
+        ("````python\nfence = '''\n```\n'''\n````\n", ["fence = '''\n```\n'''"]),
+        ("> ```python\n> quoted = 1\n> ```", ["quoted = 1"]),
+        ("```python\nbroken = '''\n```\nafter", ["broken = '''"]),
         ("no code at all", []),
     ],
 )
 def test_code_blocks_are_the_python_fences(reply, blocks):
     """Python, py and bare fences count (also indented, or left open at the end); others not."""
     assert code_cells.code_blocks(reply) == blocks
+
+
+def test_code_says_when_the_last_block_looks_cut(shell, capsys):
+    """A reply that ends inside its code block (cut by -n) still gives its code, and the line
+    says the block looks cut short; a closed block gets no such note."""
+    script("Here:\n```python\nfor i in range(3):\n    print(i")
+    shell.run_cell_magic("qwen", "--view text --code", "Count.")
+    out = capsys.readouterr().out
+    assert "its last block looks cut short" in out
+    assert shell.rl_next_input == "for i in range(3):\n    print(i"
+    script("```python\nx = 1\n```")
+    shell.run_cell_magic("qwen", "--view text --code", "Again.")
+    assert "cut short" not in capsys.readouterr().out
 
 
 def test_python_code_joins_the_blocks_into_one_cell():

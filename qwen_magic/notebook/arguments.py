@@ -132,3 +132,28 @@ CODE = argument(
 
 
 VIEW = argument("--view", choices=("auto", "widget", "text"), default=None, help="Where to stream.")
+
+
+#: IPython's own names in a kernel's namespace besides ``user_ns_hidden`` (output history
+#: ``_3``, input history ``_i3``); -o must not overwrite them.
+_IPYTHON_NAME = re.compile(r"_+|_i+|_i?\d+|_[a-z]h|In|Out|get_ipython|exit|quit")
+
+
+def check_output_name(name: str, shell: Any = None) -> None:
+    """Refuse an ``-o`` name that is not a variable name, or would shadow a builtin (``print``)
+    or one of IPython's own names (``Out``, ``_``, ``_i3``), for the rest of the kernel."""
+    import builtins
+    from keyword import iskeyword
+
+    advice = "choose another name, e.g. -o reply."
+    if not name.isidentifier() or iskeyword(name):
+        raise QwenMagicError(
+            f"-o {name!r} is not a Python variable name; use letters, digits and _, e.g. -o reply."
+        )
+    hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
+    if _IPYTHON_NAME.fullmatch(name) or name in hidden or name.startswith("__"):
+        raise QwenMagicError(f"-o {name} is one of IPython's own names in this kernel; {advice}")
+    if hasattr(builtins, name):
+        raise QwenMagicError(
+            f"-o {name} would hide Python's built-in {name} for the rest of this kernel; {advice}"
+        )

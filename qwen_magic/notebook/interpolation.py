@@ -17,14 +17,13 @@ import re
 from typing import Any
 
 from qwen_magic.errors import QwenMagicError
+from qwen_magic.notebook.bounded_repr import bounded_text
 
 #: A value put into a prompt with -i is cut after this many characters.
 VALUE_LIMIT = 4000
 
 
-_PLACEHOLDER = re.compile(
-    r"\$(?:(?P<dollar>\$)|\{(?P<braced>[^{}]*)\}|(?P<name>[^\W\d]\w*)|(?P<unclosed>\{))"
-)
+_PLACEHOLDER = re.compile(r"\$(?:(?P<dollar>\$)|(?P<braced>\{)|(?P<name>[^\W\d]\w*))")
 
 
 _ALLOWED = (
@@ -36,21 +35,51 @@ _ALLOWED = (
 def interpolate(message: str, namespace: dict[str, Any], *, limit: int = VALUE_LIMIT) -> str:
     """Replace ``$name``, ``${name}`` and ``${expression}`` in ``message`` with values from
     ``namespace``; ``$$`` is a ``$``; anything else stays as written."""
-
-    def replace(match: re.Match[str]) -> str:
+    parts: list[str] = []
+    position = 0
+    while (match := _PLACEHOLDER.search(message, position)) is not None:
+        parts.append(message[position : match.start()])
+        position = match.end()
         if match["dollar"]:
-            return "$"
-        if match["unclosed"]:
-            line = message.count("\n", 0, match.start()) + 1
-            raise QwenMagicError(
-                f"--interpolate: the '${{' on line {line} is not closed by '}}'; close it, or "
-                "write $$ for a literal $."
-            )
-        expression = (match["braced"] if match["braced"] is not None else match["name"]).strip()
-        shown = f"${{{expression}}}" if match["braced"] is not None else f"${expression}"
-        return render(evaluate(expression, namespace, shown), shown, limit)
+            parts.append("$")
+            continue
+        if match["name"]:
+            expression, shown = match["name"], f"${match['name']}"
+        else:
+            end = closing_brace(message, match.end())
+            if end is None:
+                line = message.count("\n", 0, match.start()) + 1
+                raise QwenMagicError(
+                    f"--interpolate: the '${{' on line {line} is not closed by '}}'; close it, "
+                    "or write $$ for a literal $."
+                )
+            expression = message[match.end() : end].strip()
+            shown, position = f"${{{expression}}}", end + 1
+        parts.append(render(evaluate(expression, namespace, shown), shown, limit))
+    parts.append(message[position:])
+    return "".join(parts)
 
-    return _PLACEHOLDER.sub(replace, message)
+
+def closing_brace(text: str, start: int) -> int | None:
+    """Where the ``}`` that closes a placeholder opened just before ``start`` stands, skipping
+    string literals (``${x['}']}``); None when a ``{`` comes first or there is none."""
+    quote: str | None = None
+    index = start
+    while index < len(text):
+        char = text[index]
+        if quote is not None:
+            if char == "\\":
+                index += 1
+            elif char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char == "}":
+            return index
+        elif char == "{":
+            return None
+        index += 1
+    return None
 
 
 def evaluate(expression: str, namespace: dict[str, Any], shown: str | None = None) -> Any:
@@ -117,6 +146,11 @@ def _literal_index(node: ast.AST, shown: str) -> int | str:
 
 def _missing(node: ast.Subscript, value: Any, key: int | str) -> str:
     base = ast.unparse(node.value)
+    if base == "Out" and isinstance(key, int) and key < 0:
+        return (
+            f"Out has no entry {key} (Out is keyed by cell number, not position); "
+            "use ${_} for the last output, ${__} for the one before"
+        )
     if base == "Out" and isinstance(key, int):
         return f"Out has no entry {key} (cell {key} did not end with a value)"
     if base == "In" and isinstance(key, int):
@@ -133,19 +167,13 @@ def _raised(shown: str, error: Exception) -> QwenMagicError:
 def render(value: Any, shown: str = "the value", limit: int = VALUE_LIMIT) -> str:
     """``value`` as prompt text: a string as it is, anything else as IPython pretty-prints it
     (lists, dicts and data frames as you see them in Out); cut after ``limit`` characters with
-    a note saying so."""
-    if isinstance(value, str):
-        text = value
-    else:
-        try:
-            from IPython.lib.pretty import pretty
-
-            text = pretty(value)
-        except Exception:
-            text = repr(value)
-    if len(text) <= limit:
+    a note saying so. The work is bounded too: see :mod:`qwen_magic.notebook.bounded_repr`."""
+    text, cut = bounded_text(value, limit, shown)
+    if not cut:
         return text
-    return (
-        f"{text[:limit]}\n[… cut: {shown} is {len(text):,} characters long; "
-        f"only the first {limit:,} are shown]"
+    length = (
+        f"is {len(value):,} characters long"
+        if isinstance(value, str)
+        else f"is longer than {limit:,} characters as text"
     )
+    return f"{text}\n[… cut: {shown} {length}; only the first {limit:,} are shown]"

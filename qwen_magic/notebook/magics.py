@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from keyword import iskeyword
 from pathlib import Path
 from typing import Any
 
@@ -287,11 +286,8 @@ class QwenMagics(MagicsSettings):
             raise QwenMagicError("Choose one of --greedy and --sample.")
         if getattr(args, "lookup", False) and getattr(args, "no_lookup", False):
             raise QwenMagicError("Choose one of --lookup and --no-lookup.")
-        if args.out is not None and not (args.out.isidentifier() and not iskeyword(args.out)):
-            raise QwenMagicError(
-                f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "
-                "e.g. -o reply."
-            )
+        if args.out is not None:
+            arguments.check_output_name(args.out, self.shell)
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt
@@ -302,6 +298,7 @@ class QwenMagics(MagicsSettings):
             conversation.system_prompt = args.set_system
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
+        self.chat.context_tokens = self.context_tokens
         try:
             turn = self.chat.ask(
                 message,
@@ -404,11 +401,19 @@ class QwenMagics(MagicsSettings):
     def qwen_system(self, line: str = "") -> None:
         """Show or set a conversation's system prompt."""
         args = parse_argstring(self.qwen_system, line)
+        new = args.conversation not in self.chat.book.conversations
+        if new and not args.prompt and args.conversation != DEFAULT_NAME:
+            known = ", ".join(self.chat.book.names()) or "none yet"
+            raise QwenMagicError(
+                f"No conversation named {args.conversation!r} (known: {known}); to start it "
+                f"with a system prompt, give one: %qwen_system -c {args.conversation} PROMPT."
+            )
         conversation = self.chat.conversation(args.conversation)
         if args.prompt:
             conversation.system_prompt = " ".join(args.prompt)
             self._changed()
-        print(f"System prompt of {conversation.name!r}: {conversation.system_prompt!r}")
+        created = "Created the conversation; s" if new and args.prompt else "S"
+        print(f"{created}ystem prompt of {conversation.name!r}: {conversation.system_prompt!r}")
 
     # -- saving and restoring ------------------------------------------------------------
 

@@ -41,7 +41,35 @@ def footer(stats: ReplyStats, info: BackendInfo | None = None) -> str:
     return " · ".join(parts)
 
 
+def long_prompt_text(facts: dict[str, Any]) -> str:
+    """The line before a long prompt is read: how many tokens, about how long, what bounds it."""
+    seconds, rate = facts.get("seconds"), facts.get("rate")
+    if seconds is None:
+        how_long = ""
+    elif facts.get("measured"):
+        how_long = f" (about {_duration(seconds)} at the {rate:,.0f} tokens/s measured here)"
+    else:
+        how_long = f" (about {_duration(seconds)} on this CPU, if it reads {rate:,.0f} tokens/s)"
+    bound = facts["context"]
+    if bound < facts["model_context"]:
+        limit = f"QwenMagics.context_tokens ({bound:,} of the model's {facts['model_context']:,})"
+    else:
+        limit = "%config QwenMagics.context_tokens = 4096"
+    return (
+        f"Reading {facts['tokens']:,} tokens of conversation before the first word{how_long}; "
+        f"Stop or Ctrl-C ends it, and {limit} bounds it."
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(round(seconds), 1)} s"
+    return f"{seconds / 60:.0f} min"
+
+
 _NOTICES: dict[str, Callable[[dict[str, Any]], str]] = {
+    # The chat layer: a long prompt to read before the first token (qwen_magic.context_budget).
+    "long_prompt": long_prompt_text,
     # A backend of your own may say a line as it is.
     "line": lambda facts: str(facts["text"]),
     # The model in the kernel.

@@ -80,6 +80,13 @@ class MagicsSettings(Magics):
         "reply from the prompt and checks several tokens per pass, faster for edits. auto: "
         "greedy replies of an int8/int4 model on the CPU, whose ids it provably keeps.",
     ).tag(config=True)
+    context_tokens = CInt(
+        0,
+        help="The most context one %%qwen may read (a prompt is fitted into the smaller of this "
+        "and the model's context; the oldest turns are left out). 0: 8192 for a model on the "
+        "CPU (reading 8192 tokens there takes about a minute and a half), the model's whole "
+        "context on a GPU or a server.",
+    ).tag(config=True)
     redraw_seconds = CFloat(
         0.15, help="Least time between two redraws of a streaming reply in the notebook."
     ).tag(config=True)

@@ -26,6 +26,7 @@ import errno
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,21 @@ def write_atomic(path: Path, text: str) -> None:
 def resolve_target(path: Path) -> Path:
     """The file a write to ``path`` replaces: the final target of a symbolic link, else ``path``."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def refuse_unencodable(path: Path) -> None:
+    """Refuse, in one line, a path this system cannot name: a kernel started with an ASCII
+    locale (``LC_ALL=C`` with ``PYTHONUTF8=0``) cannot encode ``é`` in a file name."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as error:
+        char = error.object[error.start : error.end]
+        raise QwenMagicError(
+            f"The path {str(path)!a} cannot be used on this system: file names here are "
+            f"{sys.getfilesystemencoding()} only (the kernel runs with an ASCII locale, such as "
+            f"LC_ALL=C) and {char!a} is not; use a name in plain ASCII, or start Jupyter with a "
+            "UTF-8 locale (LANG=C.UTF-8, or PYTHONUTF8=1)."
+        ) from None
 
 
 def same_file(one: Path, other: Path) -> bool:
@@ -157,10 +173,8 @@ def os_error_reason(error: OSError) -> str:
 
 
 def write_failure(path: Path, error: OSError) -> str:
-    return (
-        f"Could not write {path} ({os_error_reason(error)}); nothing was changed. "
-        "Choose another place."
-    )
+    reason = os_error_reason(error)
+    return f"Could not write {path} ({reason}); nothing was changed. Choose another place."
 
 
 def move_into_place(built: Path, target: Path) -> None:

@@ -14,7 +14,7 @@ from qwen_magic.conversation import (
     json_type,
 )
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.storage.atomic import os_error_reason
+from qwen_magic.storage.atomic import os_error_reason, refuse_unencodable
 
 FORMAT = "qwen_magic.conversations"
 
@@ -43,6 +43,7 @@ def read_book(path: Path) -> ConversationBook:
     corrupt, foreign, too large or has a field of the wrong type. The file is never changed.
     """
     path = Path(path)
+    refuse_unencodable(path)
     untouched = "it was left untouched"
     try:
         with path.open("rb") as handle:
@@ -63,9 +64,8 @@ def read_book(path: Path) -> ConversationBook:
         ) from error
     except OSError as error:
         raise QwenMagicError(
-            f"Cannot read {path} ({os_error_reason(error)}); {untouched}. "
-            "Make it readable, or move it "
-            "aside to start a new history for this notebook."
+            f"Cannot read {path} ({os_error_reason(error)}); {untouched}. Make it readable, or "
+            "move it aside to start a new history for this notebook."
         ) from error
     try:
         data = json.loads(raw.decode("utf-8"))

@@ -1,4 +1,5 @@
-"""Markdown exports of a conversation (``%qwen_export``), never written over what is not one."""
+"""Markdown exports of a conversation (``%qwen_export``): they never overwrite what is not
+theirs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from qwen_magic.errors import QwenMagicError
 from qwen_magic.storage.atomic import (
     prepare_folder,
     refuse_folder,
+    refuse_unencodable,
     resolve_target,
     write_atomic,
     write_failure,
@@ -25,6 +27,7 @@ def export_markdown(path: Path, text: str, *, force: bool = False, what: str = "
     message.
     """
     path = Path(path).expanduser()
+    refuse_unencodable(path)
     target = resolve_target(path)
     refuse_folder(path, target, example="chat.md")
     if target.exists() and not force and not is_export(target) and target.stat().st_size:

@@ -52,6 +52,7 @@ from qwen_magic.storage.atomic import (
     os_error_reason,
     prepare_folder,
     refuse_folder,
+    refuse_unencodable,
     resolve_target,
     same_file,
     write_atomic,
@@ -90,6 +91,7 @@ def save_book(path: Path, book: ConversationBook, *, store: HistoryStore | None 
     ``QwenMagicError``.
     """
     path = Path(path).expanduser()
+    refuse_unencodable(path)
     if store is not None and same_file(path, store.path):
         return store.save_now(book)
     target = resolve_target(path)
@@ -252,6 +254,7 @@ class HistoryStore:
         """Lock, re-read, merge, write; returns notes. Raises _Refused, QwenMagicError, OSError."""
         from filelock import FileLock
 
+        refuse_unencodable(self.path)
         target = resolve_target(self.path)
         refuse_folder(self.path, target, "chat" + SUFFIX)
         notes = [created.strip(" ()") + "."] if (created := prepare_folder(target)) else []

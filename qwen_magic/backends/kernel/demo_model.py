@@ -115,6 +115,11 @@ def assemble_gguf(destination: Path, progress: Progress = print) -> None:
 
 def convert_gguf(gguf: Path, destination: Path, progress: Progress = print) -> None:
     """Dequantize ``gguf`` to a bfloat16 Hugging Face folder at ``destination``."""
+    from qwen_magic.backends.kernel.heavy_imports import import_heavy_modules
+
+    # Quietly: transformers imports torchao on the way, where it is installed, and torchao
+    # logs every CUDA library it cannot load (and torch an enum deprecation), to stderr.
+    import_heavy_modules()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
