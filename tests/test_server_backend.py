@@ -224,9 +224,9 @@ def test_seeded_sampling_really_samples_on_transformers_serve(backend):
         assert reply.note is None  # nothing was rejected
         return reply.text
 
-    texts = [sampled(seed) for seed in (1, 2, 3)]
-    assert sampled(1) == texts[0]
-    assert len(set(texts)) > 1, texts
+    replies = [sampled(seed) for seed in (1, 2, 3)]
+    assert sampled(1) == replies[0]
+    assert len(set(replies)) > 1, replies
     assert backend.unsupported_fields == set()
 
 
