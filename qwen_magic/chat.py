@@ -31,6 +31,7 @@ from .backend import Backend, Reply
 from .conversation import DEFAULT_NAME, Conversation, ConversationBook, Turn
 from .errors import ContextTooLong, QwenMagicError
 from .options import GenerationOptions
+from .steps import steps_summary
 from .view import View, make_view
 
 INTERRUPTED_NOTE = "*(interrupted)*"
@@ -269,6 +270,8 @@ def describe(
     for number, turn in enumerate(turns[first:], start=first + 1):
         tokens = turn.stats.get("new_tokens", "?")
         mark = " (interrupted)" if turn.interrupted else ""
+        if turn.steps:
+            mark += f" [{steps_summary(turn.steps)}]"
         lines.append(
             f"{number:>3}. user: {_clip(turn.user)} | assistant ({tokens} tokens){mark}: "
             f"{_clip(turn.assistant)}"
