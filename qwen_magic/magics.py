@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import Bool, CFloat, CInt, Enum, Unicode
 
-from . import loading, notebook, persistence
+from . import acting, loading, notebook, persistence
 from . import session as kernel_session
 from .chat import HISTORY_SHOWN, Chat, describe
 from .conversation import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT
@@ -128,6 +128,16 @@ _CODE = argument(
 )
 _VIEW = argument(
     "--view", choices=("auto", "widget", "text"), default=None, help="Where to stream."
+)
+_RUN = argument(
+    "--run",
+    action="store_true",
+    help="Let the model run Python in this kernel (it sees your variables): each step's code "
+    "is shown and runs only once you approve it; its output goes back to the model.",
+)
+_YES = argument("--yes", action="store_true", help="With --run: approve every step of this cell.")
+_MAX_STEPS = argument(
+    "--max-steps", default=None, metavar="N", help="With --run: at most N steps (5)."
 )
 
 
@@ -393,6 +403,17 @@ class QwenMagics(Magics):
     @_OUT
     @_CODE
     @_VIEW
+    @argument_group("Acting in the notebook")
+    @_RUN
+    @_YES
+    @_MAX_STEPS
+    @argument(
+        "--vars",
+        default=None,
+        metavar="NAME,...",
+        help="Tell the model about these variables only (with --run: all of yours); without "
+        "--run, a plain chat gets the same summary.",
+    )
     @argument_group("Speed")
     @argument(
         "--fast",
@@ -422,6 +443,7 @@ class QwenMagics(Magics):
                 f"-o {args.out!r} is not a Python variable name; use letters, digits and _, "
                 "e.g. -o reply."
             )
+        acting.check_options(args)
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
         self.chat.book.default_system_prompt = self.system_prompt
@@ -432,12 +454,21 @@ class QwenMagics(Magics):
             conversation.system_prompt = args.set_system
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
+        system = getattr(args, "system", None)
+        variables = acting.variables_for(self.shell, args)
+        ask: Callable[..., Any] = self.chat.ask
+        if getattr(args, "run", False):
+            ask = functools.partial(
+                acting.make_agent(self.shell, self.chat, args).ask, variables=variables
+            )
+        elif variables:
+            system = acting.with_variables(system or conversation.system_prompt, variables)
         try:
-            turn = self.chat.ask(
+            turn = ask(
                 message,
                 conversation=args.conversation,
                 options=options,
-                system_prompt=getattr(args, "system", None),
+                system_prompt=system,
                 cell_id=current_cell_id(self.shell),
                 view=lambda: make_view(args.view or self.view, self.redraw_seconds),
             )
@@ -446,7 +477,8 @@ class QwenMagics(Magics):
         if args.out:
             self.shell.user_ns[args.out] = turn.assistant
         if args.code:
-            print(notebook.offer_code(self.shell, turn.assistant))
+            ran = acting.offer_ran_code(self.shell, turn) if getattr(args, "run", False) else None
+            print(ran or notebook.offer_code(self.shell, turn.assistant))
 
     def _options(self, args: Any, greedy: bool | None) -> GenerationOptions:
         def pick(name: str, default: Any) -> Any:
@@ -483,6 +515,10 @@ class QwenMagics(Magics):
     @_OUT
     @_CODE
     @_VIEW
+    @argument_group("Acting in the notebook")
+    @_RUN
+    @_YES
+    @_MAX_STEPS
     @line_magic
     @one_line_errors
     def qwen_error(self, line: str = "") -> None:
@@ -500,6 +536,8 @@ class QwenMagics(Magics):
         backend = self.session.require_backend()
         room = backend.context_length(options) - options.max_new_tokens
         limit = min(notebook.ERROR_LIMIT, max(room * 2, 800))  # ~2 characters a token at worst
+        if args.run and not instruction:
+            instruction = acting.FIX_AND_CHECK
         self._reply(args, notebook.error_prompt(error, instruction, limit))
 
     # -- the conversation ----------------------------------------------------------------
