@@ -171,3 +171,37 @@ def test_in_a_kernel_stdin_input_and_interrupts(tmp_path):
         assert step["action"] == "interrupted" and "started" in step["output"]
         assert k.value(f"{TURNS}[-1].interrupted") is True
         assert k.value("1 + 1") == 2  # the kernel goes on
+
+
+# -- the words of the real model ---------------------------------------------------------------
+
+SALES = (
+    "import numpy as np, pandas as pd\n"
+    "qm_rng = np.random.default_rng(7)\n"
+    "sales = pd.DataFrame({'region': qm_rng.choice(['north', 'south', 'east', 'west'], 1234),\n"
+    "                      'amount': qm_rng.uniform(0, 100, 1234).round(2)})\n"
+)
+
+
+@pytest.mark.demo
+def test_demo_counts_rows_by_running_code_and_answers_arithmetic_directly(demo_path):
+    """In a real kernel, the demo model counts `sales` rows by running code, answers with the
+    true count (its second step continuing the first's KV cache), and runs no code for 2 + 2."""
+    with kernel() as k:
+        k.run_ok("%load_ext qwen_magic\n%qwen_load demo --quiet\n" + SALES)
+        true_count = k.value("int((sales['amount'] > 50).sum())")
+        k.run_ok(
+            "%%qwen --run --yes --greedy --view text -n 120\n"
+            "How many rows of `sales` have an amount above 50?",
+            timeout=900,
+        )
+        turn = f"{TURNS}[-1]"
+        answer = k.value(f"{turn}.assistant")
+        steps = k.value(f"[(s['action'], s['output']) for s in {turn}.steps]")
+        assert steps and steps[0] == ("ran", str(true_count)), steps
+        assert str(true_count) in answer, answer
+        first_prompt = k.value(f"{turn}.steps[0]['stats']['prompt_tokens']")
+        assert k.value(f"{turn}.stats['cached_prompt_tokens']") >= first_prompt
+        k.run_ok("%%qwen --run --yes --greedy --view text -n 60 --new\nWhat is 2 + 2?", timeout=600)
+        assert k.value(f"{turn}.steps") == []
+        assert "4" in k.value(f"{turn}.assistant")
