@@ -246,3 +246,24 @@ def test_only_a_final_code_block_is_a_request_to_run():
     assert proposed_code("```bash\nls\n```") is None
     assert proposed_code("```python\nx = 1\n```\n" + "Explained at length. " * 30) is None
     assert proposed_code("No code here.") is None
+
+
+def test_each_step_extends_the_last_prompt_so_the_kv_cache_is_reused(tiny):
+    """In the kernel, step 2's prompt (step 1's plus its reply and output) reuses the
+    conversation's KV cache: only the new tokens are prefilled."""
+    import qwen_magic
+    from qwen_magic.agent import ANSWER_NOTE
+    from qwen_magic.steps import new_step, step_messages
+
+    backend = qwen_magic.current_session().require_backend()
+    options = GenerationOptions(max_new_tokens=8, do_sample=False)
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many?"}]
+    first = backend.start(asked, options, conversation="agent")
+    for _piece in first:
+        pass
+    step = new_step(first.text, "len(x)", "ran", output="3", note=ANSWER_NOTE)
+    second = backend.start([*asked, *step_messages([step])], options, conversation="agent")
+    for _piece in second:
+        pass
+    assert second.stats.cached_prompt_tokens >= first.stats.prompt_tokens
+    assert second.stats.prompt_tokens > first.stats.prompt_tokens + first.stats.new_tokens
