@@ -446,6 +446,13 @@ class QwenMagics(Magics):
         acting.check_options(args)
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
+        # --run's and --vars' mistakes (no stdin, a missing name) come before --new resets
+        variables = acting.variables_for(self.shell, args)
+        ask: Callable[..., Any] = self.chat.ask
+        if getattr(args, "run", False):
+            ask = functools.partial(
+                acting.make_agent(self.shell, self.chat, args).ask, variables=variables
+            )
         self.chat.book.default_system_prompt = self.system_prompt
         conversation = self.chat.conversation(args.conversation)
         if getattr(args, "new", False):
@@ -455,13 +462,7 @@ class QwenMagics(Magics):
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
         system = getattr(args, "system", None)
-        variables = acting.variables_for(self.shell, args)
-        ask: Callable[..., Any] = self.chat.ask
-        if getattr(args, "run", False):
-            ask = functools.partial(
-                acting.make_agent(self.shell, self.chat, args).ask, variables=variables
-            )
-        elif variables:
+        if variables and not getattr(args, "run", False):
             system = acting.with_variables(system or conversation.system_prompt, variables)
         try:
             turn = ask(

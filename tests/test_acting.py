@@ -39,12 +39,14 @@ def test_run_yes_runs_the_steps_and_records_one_turn(shell, capsys):
 
 
 def test_run_without_stdin_or_yes_is_one_line_and_asks_nothing(shell):
-    """Where no one can answer the prompt, --run without --yes refuses before asking."""
+    """Where no one can answer the prompt, --run without --yes refuses before asking, and
+    before --new would forget the conversation."""
     shell.user_ns["qm_rows"] = [1]
-    backend = scripted(COUNT)
+    backend = scripted("Hello.", COUNT)
+    shell.run_cell_magic("qwen", "--view text", "Hi.")
     with pytest.raises(UsageError, match="add --yes to approve every step"):
-        shell.run_cell_magic("qwen", "--run --view text", "How many rows?")
-    assert backend.prompts == [] and turns() == [] and "qm_seen" not in shell.user_ns
+        shell.run_cell_magic("qwen", "--run --new --view text", "How many rows?")
+    assert len(backend.prompts) == 1 and len(turns()) == 1 and "qm_seen" not in shell.user_ns
 
 
 @pytest.mark.parametrize(
