@@ -207,3 +207,34 @@ def test_demo_counts_rows_by_running_code_and_answers_arithmetic_directly(demo_p
         k.run_ok("%%qwen --run --yes --greedy --view text -n 60 --new\nWhat is 2 + 2?", timeout=600)
         assert k.value(f"{turn}.steps") == []
         assert "4" in k.value(f"{turn}.assistant")
+
+
+def test_in_terminal_ipython_the_prompt_reads_the_terminal():
+    """--run --view text in terminal IPython asks on the terminal and runs what is approved."""
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    argv = ["-m", "IPython", "--no-banner", "--colors=NoColor", "--simple-prompt"]
+    argv.append("--HistoryManager.hist_file=:memory:")
+    child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect(r"In \[1\]: ")
+        child.sendline("%load_ext qwen_magic")
+        child.expect(r"In \[2\]: ")
+        code = "Count.\n```python\nqm_seen = 7\nqm_seen\n```"
+        child.sendline(
+            "from tests.helpers import ScriptedBackend; import qwen_magic; "
+            f"qwen_magic.current_session().use(ScriptedBackend({code!r}, 'Seven.'))"
+        )
+        child.expect(r"In \[3\]: ")
+        child.sendline("get_ipython().run_cell_magic('qwen', '--run --view text', 'How many?')")
+        child.expect(r"Step 1: run this code\? \[r\]un, \[s\]kip, \[e\]dit, s\[t\]op: ")
+        child.sendline("r")
+        child.expect("Seven.")
+        child.expect(r"In \[4\]: ")
+        child.sendline("print('seen', qm_seen)")
+        child.expect("seen 7")
+    finally:
+        child.terminate(force=True)
