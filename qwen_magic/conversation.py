@@ -45,6 +45,7 @@ from typing import Any
 
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.messages import Message
+from qwen_magic.steps import step_messages, steps_markdown, steps_problem
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_NAME = "default"
@@ -106,13 +107,31 @@ class Turn:
     stats: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     turn_id: str = field(default_factory=new_turn_id)
+    #: What the assistant did before its answer (``%%qwen --run``): see :mod:`qwen_magic.steps`.
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     def messages(self) -> list[Message]:
-        """The turn as chat messages: the user's, then the assistant's."""
-        return [
+        """The turn as chat messages: the question, any steps, the answer."""
+        if not self.steps:
+            return [
+                {"role": "user", "content": self.user},
+                {"role": "assistant", "content": self.assistant},
+            ]
+        messages: list[Message] = [
             {"role": "user", "content": self.user},
-            {"role": "assistant", "content": self.assistant},
+            *step_messages(self.steps),
         ]
+        if self.assistant or messages[-1]["role"] == "user":
+            messages.append({"role": "assistant", "content": self.assistant})
+        return messages
+
+    def as_record(self) -> dict[str, Any]:
+        """The turn as the history file keeps it (no ``steps`` field when it has none, so files
+        stay readable by versions from before steps)."""
+        record = asdict(self)
+        if not self.steps:
+            del record["steps"]
+        return record
 
 
 @dataclass
@@ -271,7 +290,7 @@ class Conversation:
         return {
             "name": self.name,
             "system_prompt": self.system_prompt,
-            "turns": [asdict(turn) for turn in self.turns],
+            "turns": [turn.as_record() for turn in self.turns],
         }
 
     @classmethod
@@ -297,7 +316,8 @@ class Conversation:
         """The conversation as a readable Markdown document."""
         lines = [f"# Conversation: {self.name}", "", f"*System:* {self.system_prompt}", ""]
         for number, turn in enumerate(self.turns, start=1):
-            lines += [f"## {number}. User", "", turn.user, "", "**Assistant**", "", turn.assistant]
+            lines += [f"## {number}. User", "", turn.user, "", *steps_markdown(turn.steps)]
+            lines += ["**Assistant**", "", turn.assistant]
             if turn.interrupted:
                 lines += ["", "*(interrupted)*"]
             lines.append("")
@@ -351,6 +371,7 @@ _TURN_FIELDS: dict[str, tuple[str, ...]] = {
     "stats": ("an object",),
     "created": ("a number",),
     "turn_id": ("text",),
+    "steps": ("a list",),
 }
 _REQUIRED_TURN_FIELDS = ("user", "assistant")
 _CONVERSATION_FIELDS = ("name", "system_prompt", "turns")
@@ -397,6 +418,8 @@ def turn_problem(data: object) -> str | None:
             return f"has an unknown field {name!r}"
         if (problem := _type_problem(name, value, _TURN_FIELDS[name])) is not None:
             return problem
+    if "steps" in data and (problem := steps_problem(data["steps"])) is not None:
+        return problem
     return None
 
 

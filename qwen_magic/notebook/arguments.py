@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument
+from IPython.core.magic_arguments import argument, argument_group
 
+from qwen_magic.backends.kernel import loading
 from qwen_magic.conversation import DEFAULT_NAME
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.notebook import last_error
@@ -157,3 +158,93 @@ def check_output_name(name: str, shell: Any = None) -> None:
         raise QwenMagicError(
             f"-o {name} would hide Python's built-in {name} for the rest of this kernel; {advice}"
         )
+
+
+# Acting in the notebook (%%qwen --run, %qwen_error --run).
+RUN = argument(
+    "--run",
+    action="store_true",
+    help="Let the model run Python in this kernel (it sees your variables): each step's code "
+    "is shown and runs only once you approve it; its output goes back to the model.",
+)
+YES = argument("--yes", action="store_true", help="With --run: approve every step of this cell.")
+MAX_STEPS = argument(
+    "--max-steps", default=None, metavar="N", help="With --run: at most N steps (5)."
+)
+VARS = argument(
+    "--vars",
+    default=None,
+    metavar="NAME,...",
+    help="Tell the model about these variables only (with --run: all of yours); without "
+    "--run, a plain chat gets the same summary.",
+)
+
+
+def load_options(magic: Callable[..., Any]) -> Callable[..., Any]:
+    """Every option of ``%qwen_load``, declared here so the magic itself stays a few lines."""
+    declarations = [
+        argument(
+            "model",
+            nargs="?",
+            default=None,
+            help="Hub id (Qwen/Qwen2-7B-Instruct), local folder, .gguf file, or 'demo'; with "
+            "--server, the served model's name (default: the one it serves). Default: "
+            "QwenMagics.model, $QWEN_MAGIC_MODEL, then Qwen2-7B-Instruct with CUDA or the offline "
+            "demo model without; or, where QwenMagics.server / $QWEN_MAGIC_SERVER is set, that "
+            "server.",
+        ),
+        argument_group("On a server (vLLM, SGLang, transformers serve)"),
+        argument(
+            "--server",
+            metavar="URL",
+            default=None,
+            help="Chat with a model on an OpenAI-compatible server instead of loading one, "
+            "e.g. http://gpu-box:8000 (or .../v1).",
+        ),
+        argument(
+            "--api-key-env",
+            metavar="NAME",
+            default=None,
+            help="Environment variable holding the server's API key (default: QWEN_MAGIC_API_KEY, "
+            "then OPENAI_API_KEY). The key itself is never printed or saved.",
+        ),
+        argument(
+            "--context-length",
+            type=int,
+            default=None,
+            help="The server's context in tokens, where it does not report its own.",
+        ),
+        argument_group("In this kernel"),
+        argument("--dtype", choices=loading.DTYPES, default=None, help="Weights' dtype (auto)."),
+        argument(
+            "--device",
+            default=None,
+            help="auto (GPU if any, via accelerate), cpu, cuda, cuda:N, balanced, sequential, "
+            "or a JSON device_map.",
+        ),
+        argument(
+            "--attention",
+            choices=loading.ATTENTIONS,
+            default=None,
+            help="Attention kernel; auto picks flash_attention_2 when installed on CUDA, else "
+            "sdpa.",
+        ),
+        argument(
+            "--quantize",
+            choices=loading.QUANTIZE_FORMATS,
+            default=None,
+            help="Store the linear layers' weights in 8 or 4 bits (torchao, weight-only; needs "
+            "qwen_magic[quant]): faster decoding on a CPU, less memory. Quantized once, then "
+            "cached.",
+        ),
+        argument("--revision", default=None, help="Hub branch, tag or commit."),
+        argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="Run Python code shipped with the model repository (off unless you ask).",
+        ),
+        argument("--quiet", action="store_true", help="Print only the summary line."),
+    ]
+    for declare in reversed(declarations):  # as stacked decorators apply: the lowest first
+        magic = declare(magic)
+    return magic

@@ -9,6 +9,7 @@ backend, the conversations, the history file) and :class:`~qwen_magic.chat.Chat`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from qwen_magic.backends.server.guards import redact_url
 from qwen_magic.chat import Chat
 from qwen_magic.conversation import DEFAULT_NAME
 from qwen_magic.errors import QwenMagicError
-from qwen_magic.notebook import arguments, code_cells, interpolation, last_error
+from qwen_magic.notebook import acting, arguments, code_cells, interpolation, last_error
 from qwen_magic.notebook.arguments import (
     current_cell_id,
     one_line_errors,
@@ -74,65 +75,7 @@ class QwenMagics(MagicsSettings):
     # -- loading -------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="Hub id (Qwen/Qwen2-7B-Instruct), local folder, .gguf file, or 'demo'; with "
-        "--server, the served model's name (default: the one it serves). Default: "
-        "QwenMagics.model, $QWEN_MAGIC_MODEL, then Qwen2-7B-Instruct with CUDA or the offline "
-        "demo model without; or, where QwenMagics.server / $QWEN_MAGIC_SERVER is set, that "
-        "server.",
-    )
-    @argument_group("On a server (vLLM, SGLang, transformers serve)")
-    @argument(
-        "--server",
-        metavar="URL",
-        default=None,
-        help="Chat with a model on an OpenAI-compatible server instead of loading one, "
-        "e.g. http://gpu-box:8000 (or .../v1).",
-    )
-    @argument(
-        "--api-key-env",
-        metavar="NAME",
-        default=None,
-        help="Environment variable holding the server's API key (default: QWEN_MAGIC_API_KEY, "
-        "then OPENAI_API_KEY). The key itself is never printed or saved.",
-    )
-    @argument(
-        "--context-length",
-        type=int,
-        default=None,
-        help="The server's context in tokens, where it does not report its own.",
-    )
-    @argument_group("In this kernel")
-    @argument("--dtype", choices=loading.DTYPES, default=None, help="Weights' dtype (auto).")
-    @argument(
-        "--device",
-        default=None,
-        help="auto (GPU if any, via accelerate), cpu, cuda, cuda:N, balanced, sequential, "
-        "or a JSON device_map.",
-    )
-    @argument(
-        "--attention",
-        choices=loading.ATTENTIONS,
-        default=None,
-        help="Attention kernel; auto picks flash_attention_2 when installed on CUDA, else sdpa.",
-    )
-    @argument(
-        "--quantize",
-        choices=loading.QUANTIZE_FORMATS,
-        default=None,
-        help="Store the linear layers' weights in 8 or 4 bits (torchao, weight-only; needs "
-        "qwen_magic[quant]): faster decoding on a CPU, less memory. Quantized once, then cached.",
-    )
-    @argument("--revision", default=None, help="Hub branch, tag or commit.")
-    @argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Run Python code shipped with the model repository (off unless you ask).",
-    )
-    @argument("--quiet", action="store_true", help="Print only the summary line.")
+    @arguments.load_options
     @line_magic
     @one_line_errors
     def qwen_load(self, line: str = "") -> None:
@@ -253,6 +196,11 @@ class QwenMagics(MagicsSettings):
     @arguments.OUT
     @arguments.CODE
     @arguments.VIEW
+    @argument_group("Acting in the notebook")
+    @arguments.RUN
+    @arguments.YES
+    @arguments.MAX_STEPS
+    @arguments.VARS
     @argument_group("Speed")
     @argument(
         "--fast",
@@ -288,8 +236,16 @@ class QwenMagics(MagicsSettings):
             raise QwenMagicError("Choose one of --lookup and --no-lookup.")
         if args.out is not None:
             arguments.check_output_name(args.out, self.shell)
+        acting.check_options(args)
         greedy = True if args.greedy else False if args.sample else self.greedy
         options = self._options(args, greedy)
+        # --run's and --vars' mistakes (no stdin, a missing name) come before --new resets
+        variables = acting.variables_for(self.shell, args)
+        ask: Callable[..., Any] = self.chat.ask
+        if getattr(args, "run", False):
+            ask = functools.partial(
+                acting.make_agent(self.shell, self.chat, args).ask, variables=variables
+            )
         self.chat.book.default_system_prompt = self.system_prompt
         conversation = self.chat.conversation(args.conversation)
         if getattr(args, "new", False):
@@ -299,12 +255,15 @@ class QwenMagics(MagicsSettings):
         self._attach_history()
         self.chat.reuse_cache = self.reuse_cache
         self.chat.context_tokens = self.context_tokens
+        system = getattr(args, "system", None)
+        if variables and not getattr(args, "run", False):
+            system = acting.with_variables(system or conversation.system_prompt, variables)
         try:
-            turn = self.chat.ask(
+            turn = ask(
                 message,
                 conversation=args.conversation,
                 options=options,
-                system_prompt=getattr(args, "system", None),
+                system_prompt=system,
                 cell_id=current_cell_id(self.shell),
                 view=lambda: make_view(args.view or self.view, self.redraw_seconds),
             )
@@ -313,7 +272,8 @@ class QwenMagics(MagicsSettings):
         if args.out:
             self.user_namespace[args.out] = turn.assistant
         if args.code:
-            print(code_cells.offer_code(self.shell, turn.assistant))
+            ran = acting.offer_ran_code(self.shell, turn) if getattr(args, "run", False) else None
+            print(ran or code_cells.offer_code(self.shell, turn.assistant))
 
     @magic_arguments()
     @argument(
@@ -333,6 +293,10 @@ class QwenMagics(MagicsSettings):
     @arguments.OUT
     @arguments.CODE
     @arguments.VIEW
+    @argument_group("Acting in the notebook")
+    @arguments.RUN
+    @arguments.YES
+    @arguments.MAX_STEPS
     @line_magic
     @one_line_errors
     def qwen_error(self, line: str = "") -> None:
@@ -350,6 +314,8 @@ class QwenMagics(MagicsSettings):
         backend = self.session.require_backend()
         room = backend.context_length(options) - options.max_new_tokens
         limit = min(last_error.ERROR_LIMIT, max(room * 2, 800))  # ~2 characters a token at worst
+        if args.run and not instruction:
+            instruction = acting.FIX_AND_CHECK
         self._reply(args, last_error.error_prompt(error, instruction, limit))
 
     # -- the conversation ----------------------------------------------------------------
