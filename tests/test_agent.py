@@ -9,7 +9,8 @@ from qwen_magic.view import NullView
 
 from qwen_magic.agent import LAST_STEP_NOTE, Agent, Decision, check_max_steps
 from qwen_magic.chat import Chat
-from qwen_magic.conversation import Conversation, ConversationBook, conversation_problem
+from qwen_magic.checks import conversation_problem
+from qwen_magic.conversation import Conversation, ConversationBook
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.notebook.approval import PromptApprover, YesApprover
 from qwen_magic.notebook.code_runner import NotebookRunner

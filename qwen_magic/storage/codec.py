@@ -7,12 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qwen_magic.conversation import (
-    Conversation,
-    ConversationBook,
-    conversation_problem,
-    json_type,
-)
+from qwen_magic.checks import conversation_problem, json_type
+from qwen_magic.conversation import Conversation, ConversationBook
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.storage.atomic import os_error_reason, refuse_unencodable
 
