@@ -10,9 +10,8 @@ import pytest
 from IPython.core.error import UsageError
 
 from qwen_magic import current_session as session
-from tests.helpers import ScriptedBackend
-
-from .kernel import kernel
+from qwen_magic.backends.scripted import ScriptedBackend
+from qwen_magic.testing.kernel import kernel
 
 COUNT = "Let me count.\n```python\nqm_seen = len(qm_rows)\nqm_seen\n```"
 TURNS = "__import__('qwen_magic').Chat().conversation().turns"
@@ -117,13 +116,14 @@ def test_history_shows_the_steps(shell, capsys):
 
 SETUP = (
     "%load_ext qwen_magic\n"
-    "from tests.helpers import ScriptedBackend\n"
+    "from qwen_magic.backends.scripted import ScriptedBackend\n"
     "import qwen_magic\n"
     "def qm_script(*replies):\n"
     "    qwen_magic.current_session().use(ScriptedBackend(*replies))\n"
 )
 
 
+@pytest.mark.kernel
 def test_in_a_kernel_stdin_input_and_interrupts(tmp_path):
     """In a real kernel: no stdin refuses --run, the prompt's answer decides (run, skip), code
     calling input() without stdin shows the model the error, and Ctrl-C while the code sleeps
@@ -186,6 +186,7 @@ SALES = (
 
 
 @pytest.mark.demo
+@pytest.mark.kernel
 def test_demo_counts_rows_by_running_code_and_answers_arithmetic_directly(demo_path):
     """In a real kernel, the demo model counts `sales` rows by running code, answers with the
     true count (its second step continuing the first's KV cache), and runs no code for 2 + 2."""
@@ -209,6 +210,7 @@ def test_demo_counts_rows_by_running_code_and_answers_arithmetic_directly(demo_p
         assert "4" in k.value(f"{turn}.assistant")
 
 
+@pytest.mark.slow
 def test_in_terminal_ipython_the_prompt_reads_the_terminal():
     """--run --view text in terminal IPython asks on the terminal and runs what is approved."""
     import os
@@ -225,7 +227,7 @@ def test_in_terminal_ipython_the_prompt_reads_the_terminal():
         child.expect(r"In \[2\]: ")
         code = "Count.\n```python\nqm_seen = 7\nqm_seen\n```"
         child.sendline(
-            "from tests.helpers import ScriptedBackend; import qwen_magic; "
+            "from qwen_magic.backends.scripted import ScriptedBackend; import qwen_magic; "
             f"qwen_magic.current_session().use(ScriptedBackend({code!r}, 'Seven.'))"
         )
         child.expect(r"In \[3\]: ")

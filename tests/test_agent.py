@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from qwen_magic.view import NullView
 
 from qwen_magic.agent import LAST_STEP_NOTE, Agent, Decision, check_max_steps
+from qwen_magic.backends.scripted import ScriptedBackend
 from qwen_magic.chat import Chat
 from qwen_magic.checks import conversation_problem
 from qwen_magic.conversation import Conversation, ConversationBook
@@ -16,8 +16,8 @@ from qwen_magic.notebook.approval import PromptApprover, YesApprover
 from qwen_magic.notebook.code_runner import NotebookRunner
 from qwen_magic.notebook.variables import summarize
 from qwen_magic.options import GenerationOptions
+from qwen_magic.presentation import NullView
 from qwen_magic.steps import SKIPPED_OUTPUT, proposed_code
-from tests.helpers import ScriptedBackend
 
 
 def code_reply(code: str, text: str = "Let me check.") -> str:
@@ -198,7 +198,7 @@ def test_a_turn_with_steps_survives_the_history_file(shell):
 
 def test_history_and_export_show_the_steps(shell):
     """%qwen_history names each step's fate and the export shows its code and output."""
-    from qwen_magic.chat import describe
+    from qwen_magic.notebook.report import describe_conversation as describe
 
     agent, _, _ = make_agent(shell, code_reply("print('hi there')"), "Said it.")
     ask(agent)

@@ -341,7 +341,7 @@ def test_the_checked_fields_are_exactly_the_turns_fields():
     """The validator checks every field a Turn has, no more, no fewer."""
     from dataclasses import fields
 
-    from qwen_magic.conversation import _TURN_FIELDS
+    from qwen_magic.checks import _TURN_FIELDS
 
     assert set(_TURN_FIELDS) == {f.name for f in fields(Turn)}
 

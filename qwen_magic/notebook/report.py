@@ -15,6 +15,7 @@ from qwen_magic.backends.base import BackendInfo, Notice, ReplyStats
 from qwen_magic.conversation import Conversation
 from qwen_magic.notebook.views import make_view
 from qwen_magic.presentation import Presentation
+from qwen_magic.steps import steps_summary
 
 #: Below this many tokens a reply's speed says nothing, and the footer leaves it out.
 RATE_FROM_TOKENS = 4
@@ -131,6 +132,8 @@ def describe_conversation(
     for number, turn in enumerate(turns[first:], start=first + 1):
         tokens = turn.stats.get("new_tokens", "?")
         mark = " (interrupted)" if turn.interrupted else ""
+        if turn.steps:
+            mark += f" [{steps_summary(turn.steps)}]"
         lines.append(
             f"{number:>3}. user: {_clip(turn.user)} | assistant ({tokens} tokens){mark}: "
             f"{_clip(turn.assistant)}"
