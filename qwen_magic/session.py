@@ -9,10 +9,13 @@ its state in one reloader and jupysql its connections in one manager:
 * :attr:`Session.conversations`: the notebook's named conversations;
 * :attr:`Session.history`: the file they are saved to after each turn, if any.
 
-The rules live here too: the same model spec again is a no-op; another spec is checked before
-the current model is released; restoring conversations drops the backend's per-conversation
-caches; a history file is attached once per path and restored into a kernel that has no turns
-yet. The magics only turn arguments into calls on the session (:func:`current`), and so does
+The rules live here too: :meth:`Session.open` takes a request from the backend registry
+(:mod:`qwen_magic.backends`: ``request("kernel", "demo")``, ``request("server", url)``); the
+request says whether the backend in use is already what it asks for (the same model again is a
+no-op) and checks everything before the current backend is released, so the session never
+imports or special-cases a concrete backend. Restoring conversations drops the backend's
+per-conversation caches; a history file is attached once per path and restored into a kernel
+that has no turns yet. The magics only turn arguments into calls on the session (:func:`current`), and so does
 the Python API (``qwen_magic.load``, ``qwen_magic.Chat``).
 
 The session is kept in :mod:`qwen_magic._state`, which ``%reload_ext`` does not reload, so the
