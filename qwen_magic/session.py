@@ -15,8 +15,8 @@ request says whether the backend in use is already what it asks for (the same mo
 no-op) and checks everything before the current backend is released, so the session never
 imports or special-cases a concrete backend. Restoring conversations drops the backend's
 per-conversation caches; a history file is attached once per path and restored into a kernel
-that has no turns yet. The magics only turn arguments into calls on the session (:func:`current`), and so does
-the Python API (``qwen_magic.load``, ``qwen_magic.Chat``).
+that has no turns yet. The magics only turn arguments into calls on the session
+(:func:`current`), and so does the Python API (``qwen_magic.load``, ``qwen_magic.Chat``).
 
 The session is kept in :mod:`qwen_magic._state`, which ``%reload_ext`` does not reload, so the
 model and the conversations survive a reload of the extension's code.
