@@ -1164,3 +1164,29 @@ def test_ctrl_c_before_the_first_token_says_the_server_may_still_be_reading(shel
     assert silent.client_left.wait(1.0)
     assert len(current().conversations.get("default").turns) == 0
     shell.run_line_magic("qwen_unload", "")
+
+
+@pytest.mark.server
+@pytest.mark.demo
+def test_the_assistant_acts_over_a_server_too(shell, served):
+    """%%qwen --run --yes over transformers serve: the model runs code on the user's DataFrame,
+    sees the true count and answers with it, as in the kernel."""
+    import numpy as np
+    import pandas as pd
+
+    from qwen_magic.session import current
+
+    rng = np.random.default_rng(7)
+    shell.user_ns["sales"] = pd.DataFrame({"amount": rng.uniform(0, 100, 1234).round(2)})
+    true_count = int((shell.user_ns["sales"]["amount"] > 50).sum())
+    shell.run_line_magic("qwen_load", f"--server {served.url}")
+    shell.run_cell_magic(
+        "qwen",
+        "--run --yes --greedy --view text -n 120 --new",
+        "How many rows of `sales` have an amount above 50?",
+    )
+    turn = current().conversations.get().turns[-1]
+    assert turn.steps and turn.steps[0]["action"] == "ran", turn.steps
+    assert turn.steps[0]["output"].strip() == str(true_count)
+    assert str(true_count) in turn.assistant, turn.assistant
+    del shell.user_ns["sales"]
