@@ -314,8 +314,10 @@ _WATCH_JS = r"""
     const c = document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')[cellIndex];
     if (!c) return;
     const out = c.querySelector(selector);
-    // The counter shown while the first token is awaited is not reply text.
-    const text = out ? out.innerText.replace(/waiting for the first token… \d+ s/, '').trim() : '';
+    // The counter shown while the first token is awaited is not reply text, nor is the cursor
+    // (the finished reply drops it: counted, the last streaming frame looks longer).
+    const raw = out ? out.innerText : '';
+    const text = raw.replace(/waiting for the first token… \d+ s/, '').replace(/ ?▌/g, '').trim();
     const prompt = c.querySelector('.jp-InputArea-prompt');
     const busy = !!prompt && prompt.textContent.includes('*');
     const key = text.length + (busy ? 'b' : 'i');

@@ -215,3 +215,68 @@ def test_code_goes_into_a_new_cell_below_in_jupyterlab(lab_server, demo_path):
     assert [node.name for node in tree.body if isinstance(node, ast.FunctionDef)] == ["add"], detail
     assert "```" not in source, detail
     assert not re.search(r"\[\d+\]", prompt), detail  # not run
+
+
+ACT_CELLS = [
+    "import numpy as np, pandas as pd\n"
+    "qm_rng = np.random.default_rng(7)\n"
+    "sales = pd.DataFrame({'region': qm_rng.choice(['north', 'south', 'east', 'west'], 1234),\n"
+    "                      'amount': qm_rng.uniform(0, 100, 1234).round(2)})",
+    "%%qwen --run --greedy -n 120\nHow many rows of `sales` have an amount above 50?",
+    "qm_turn = __import__('qwen_magic').Chat().conversation().turns[-1]\n"
+    "print('ACT', int((sales['amount'] > 50).sum()), [s['action'] for s in qm_turn.steps])",
+]
+
+
+def _approval_button(lab, index: int, name: str):
+    """Cell ``index``'s button labelled exactly ``name`` (its icon has no text)."""
+    label = re.compile(rf"^\s*{name}\s*$")
+    return lab.cell(index).locator("button").filter(has_text=label)
+
+
+def _click_when_shown(lab, index: int, name: str):
+    """Wait for cell ``index``'s approval button ``name``, take a screenshot, click it."""
+    button = _approval_button(lab, index, name)
+    button.wait_for(state="visible", timeout=lab.left() * 1000)
+    shown = lab.output_text(index)
+    lab.page.screenshot(path=str(ARTIFACTS_DIR / f"browser_approval_{name.lower()}.png"))
+    button.click()
+    return shown
+
+
+@pytest.mark.browser
+@pytest.mark.demo
+def test_approval_buttons_run_or_skip_the_code_in_jupyterlab(lab_server, demo_path):
+    """In JupyterLab, %%qwen --run shows Run / Skip / Edit / Stop under the proposed code while
+    the cell waits; Run runs it in the kernel and the answer with its result follows in the
+    cell; re-running the cell and clicking Skip runs nothing."""
+    data, ask, facts = (len(SETUP_CELLS) + i for i in range(3))
+    with set_up_notebook(lab_server, "browser_approval", ACT_CELLS) as lab:
+        lab.run_cell(data)
+        lab.start_cell(ask)
+        waiting = _click_when_shown(lab, ask, "Run")
+        lab.wait_cell_done(ask)
+        approved = lab.output_text(ask)
+        lab.run_cell(facts)
+        ran = lab.output_text(facts)
+        lab.start_cell(ask)  # the same cell again: its turn is replaced
+        _click_when_shown(lab, ask, "Skip")
+        lab.wait_cell_done(ask)
+        skipped = lab.output_text(ask)
+        buttons_after = _approval_button(lab, ask, "Run").count()
+        lab.run_cell(facts)
+        after = lab.output_text(facts)
+        lab.scroll_to = lab.cell(ask)
+    detail = (
+        f"waiting={waiting!r}\napproved={approved!r}\nran={ran!r}\nskipped={skipped!r}\n"
+        f"after={after!r}\nconsole={lab.console[-10:]}"
+    )
+    print(detail)
+    match = re.search(r"ACT (\d+) \['ran'\]", ran)
+    assert match, detail  # the approved step ran, recorded as such
+    true_count = match[1]
+    assert "```" not in waiting and "sales" in waiting, detail  # the code was shown, rendered
+    assert "Step 1: run (approved)." in approved and true_count in approved, detail
+    assert "tokens/s" in approved, detail  # the answer's footer: the turn went on to its end
+    assert "Step 1: skipped" in skipped and buttons_after == 0, detail
+    assert re.search(r"ACT \d+ \['skipped'\]", after), detail  # replaced; nothing ran

@@ -16,8 +16,10 @@ from qwen_magic.chat import Chat
 from qwen_magic.conversation import Turn
 from qwen_magic.errors import QwenMagicError
 from qwen_magic.notebook.approval import PromptApprover, YesApprover, stdin_available
+from qwen_magic.notebook.approval_buttons import ButtonApprover
 from qwen_magic.notebook.code_runner import NotebookRunner
 from qwen_magic.notebook.variables import parse_names, summarize
+from qwen_magic.notebook.views import in_widget_frontend
 
 #: What ``%qwen_error --run`` asks for when given no instruction.
 FIX_AND_CHECK = (
@@ -53,12 +55,21 @@ def variables_for(shell: Any, args: Any) -> str:
     return summarize(shell.user_ns, names, hidden=hidden) or "(none yet)"
 
 
-def make_agent(shell: Any, chat: Chat, args: Any) -> Agent:
-    """The agent for one cell: ``--yes`` approves each step, else the user is asked."""
+def make_agent(
+    shell: Any, chat: Chat, args: Any, approval: str = "auto", view: str = "auto"
+) -> Agent:
+    """The agent for one cell: ``--yes`` approves each step, else the user is asked, with
+    buttons (``approval`` ``"buttons"``, or ``"auto"`` where replies stream into widgets) or
+    at the text prompt."""
     if args.yes:
         approver: Any = YesApprover()
     elif stdin_available(shell):
+        # Without stdin (nbclient, nbval) nobody could click either: refused below.
         approver = PromptApprover()
+        if approval == "buttons" or (
+            approval == "auto" and view != "text" and in_widget_frontend()
+        ):
+            approver = ButtonApprover(fallback=approver)
     else:
         raise QwenMagicError(NO_STDIN)
     max_steps = DEFAULT_MAX_STEPS if args.max_steps is None else check_max_steps(args.max_steps)

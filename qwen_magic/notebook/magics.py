@@ -244,7 +244,10 @@ class QwenMagics(MagicsSettings):
         ask: Callable[..., Any] = self.chat.ask
         if getattr(args, "run", False):
             ask = functools.partial(
-                acting.make_agent(self.shell, self.chat, args).ask, variables=variables
+                acting.make_agent(
+                    self.shell, self.chat, args, self.approval, args.view or self.view
+                ).ask,
+                variables=variables,
             )
         self.chat.book.default_system_prompt = self.system_prompt
         conversation = self.chat.conversation(args.conversation)

@@ -54,6 +54,12 @@ class MagicsSettings(Magics):
         config=True
     )
     view = Enum(("auto", "widget", "text"), "auto", help="Where replies stream.").tag(config=True)
+    approval = Enum(
+        ("auto", "buttons", "prompt"),
+        "auto",
+        help="How %%qwen --run asks before each step's code runs: buttons under the cell "
+        "(auto: where replies stream into widgets) or a text prompt (the kernel's stdin).",
+    ).tag(config=True)
     history_file = Unicode(
         "",
         help="Where to save conversations after each turn; empty: beside the notebook "
