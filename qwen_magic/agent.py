@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from qwen_magic.backends.base import Backend, Message, Reply, TextDelta, Waiting
+from qwen_magic.backends.base import Backend, Message, Reply
 from qwen_magic.chat import (  # with the chat layer's own streaming helpers
     FAILED_NOTE,
     INTERRUPTED_NOTE,
@@ -48,6 +48,7 @@ from qwen_magic.chat import (  # with the chat layer's own streaming helpers
     ViewChoice,
     _with_note,
     check_text,
+    show_events,
 )
 from qwen_magic.context_budget import context_for
 from qwen_magic.conversation import DEFAULT_NAME, Conversation, Turn
@@ -296,14 +297,8 @@ class Agent:
 
     def _stream(self, chat: Conversation, progress: _Progress, reply: Reply, shown: View) -> None:
         footer = self.chat._footer
-        wait = getattr(shown, "wait", None)  # optional for views of your own
         try:
-            with reply:  # leaving early (Ctrl-C) cancels the work and waits for it
-                for event in reply:
-                    if isinstance(event, TextDelta):
-                        shown.update(reply.text)
-                    elif isinstance(event, Waiting) and wait is not None:
-                        wait()
+            show_events(reply, shown)
         except KeyboardInterrupt:
             reply.stats.interrupted = True
             progress.answer, progress.stats = reply.text, reply.stats.as_record()

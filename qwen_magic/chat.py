@@ -207,14 +207,8 @@ class Chat:
         """Show the reply as it comes, then record it; an interrupt records the partial turn
         and goes on, a failure records nothing and leaves the partial text on screen."""
         footer = self._footer
-        wait = getattr(shown, "wait", None)  # optional for views of your own
         try:
-            with reply:  # leaving early (Ctrl-C) cancels the work and waits for it
-                for event in reply:
-                    if isinstance(event, TextDelta):
-                        shown.update(reply.text)
-                    elif isinstance(event, Waiting) and wait is not None:
-                        wait()
+            show_events(reply, shown)
         except KeyboardInterrupt:
             turn, why_not = self._record(chat, message, reply, cell_id, options, interrupted=True)
             shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), footer(reply))
@@ -283,6 +277,18 @@ class Chat:
         if weights := self.backend.info().weights:  # kept as history files always had it
             record["quantization"] = weights
         return record
+
+
+def show_events(reply: Reply, shown: View) -> None:
+    """Show ``reply`` in ``shown`` as its events come; leaving early (Ctrl-C) cancels the work
+    and waits for it (the reply is a context manager)."""
+    wait = getattr(shown, "wait", None)  # optional for views of your own
+    with reply:
+        for event in reply:
+            if isinstance(event, TextDelta):
+                shown.update(reply.text)
+            elif isinstance(event, Waiting) and wait is not None:
+                wait()
 
 
 def check_text(text: str, what: str) -> None:
