@@ -84,3 +84,14 @@ def texts(reply: Any, on_wait: Any = None) -> Any:
             yield event.text
         elif isinstance(event, Waiting) and on_wait is not None:
             on_wait()
+
+
+#: A real kernel's first cell for tests of the magics with scripted replies:
+#: ``qm_script("reply 1", "reply 2")`` makes the next ``%%qwen`` answer with them.
+SCRIPTED_KERNEL_SETUP = (
+    "%load_ext qwen_magic\n"
+    "from qwen_magic.backends.scripted import ScriptedBackend\n"
+    "import qwen_magic\n"
+    "def qm_script(*replies):\n"
+    "    qwen_magic.current_session().use(ScriptedBackend(*replies))\n"
+)

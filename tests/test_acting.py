@@ -13,6 +13,8 @@ from qwen_magic import current_session as session
 from qwen_magic.backends.scripted import ScriptedBackend
 from qwen_magic.testing.kernel import kernel
 
+from .helpers import SCRIPTED_KERNEL_SETUP
+
 COUNT = "Let me count.\n```python\nqm_seen = len(qm_rows)\nqm_seen\n```"
 TURNS = "__import__('qwen_magic').Chat().conversation().turns"
 
@@ -114,13 +116,7 @@ def test_history_shows_the_steps(shell, capsys):
     assert "[1 step: ran]" in capsys.readouterr().out
 
 
-SETUP = (
-    "%load_ext qwen_magic\n"
-    "from qwen_magic.backends.scripted import ScriptedBackend\n"
-    "import qwen_magic\n"
-    "def qm_script(*replies):\n"
-    "    qwen_magic.current_session().use(ScriptedBackend(*replies))\n"
-)
+SETUP = SCRIPTED_KERNEL_SETUP
 
 
 @pytest.mark.kernel

@@ -10,6 +10,8 @@ from qwen_magic.notebook import approval_buttons
 from qwen_magic.notebook.approval_buttons import ButtonApprover
 from qwen_magic.testing.kernel import kernel
 
+from .helpers import SCRIPTED_KERNEL_SETUP
+
 CODE = "qm_seen = len(qm_rows)\nqm_seen"
 
 
@@ -86,14 +88,7 @@ def test_without_a_pump_in_a_kernel_the_fallback_asks(monkeypatch):
 
 # -- in a real kernel --------------------------------------------------------------------------
 
-SETUP = (
-    "%load_ext qwen_magic\n"
-    "from qwen_magic.backends.scripted import ScriptedBackend\n"
-    "import qwen_magic\n"
-    "def qm_script(*replies):\n"
-    "    qwen_magic.current_session().use(ScriptedBackend(*replies))\n"
-    "qm_rows = [1, 2, 3]\n"
-)
+SETUP = SCRIPTED_KERNEL_SETUP + "qm_rows = [1, 2, 3]\n"
 COUNT = f"Let me count.\n```python\n{CODE}\n```"
 TURNS = "__import__('qwen_magic').Chat().conversation().turns"
 
