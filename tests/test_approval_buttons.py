@@ -116,6 +116,9 @@ def run_clicking(k, cell: str, steps: list[list[tuple[str, dict]]]) -> tuple[dic
                 editor = content["comm_id"]
         elif kind == "display_data" and "Click Run, Skip" in content["data"].get("text/plain", ""):
             for description, edits in pending.pop(0):
+                if description == "interrupt":  # the kernel's stop button, not ours
+                    k.manager.interrupt_kernel()
+                    continue
                 if edits:
                     update = {"method": "update", "state": edits, "buffer_paths": []}
                     send(client, editor, update)
@@ -142,7 +145,8 @@ def send(client, comm_id: str | None, data: dict) -> None:
 def test_in_a_kernel_the_buttons_decide_while_the_cell_runs():
     """In a real kernel (widget view, stdin allowed), clicks on Run, Edit + Run and Stop reach
     the running cell: approved code runs in the user's namespace, edited code runs instead, a
-    stopped step runs nothing; each step's buttons become one line saying what was chosen; and
+    stopped step runs nothing, nor does one interrupted while the buttons wait; each step's
+    buttons become one line saying what was chosen; and
     with ``QwenMagics.approval = 'prompt'`` the kernel's stdin asks instead."""
     with kernel() as k:
         k.run_ok(SETUP)
@@ -165,6 +169,14 @@ def test_in_a_kernel_the_buttons_decide_while_the_cell_runs():
         assert k.value("'qm_stop' in globals()") is False
         assert k.value(f"{TURNS}[-1].steps[0]['action']") == "stopped"
         assert k.value(f"len({TURNS})") == 3
+
+        k.run_ok(f"qm_script({COUNT.replace('qm_seen', 'qm_int')!r}, 'unused')")
+        reply, outcomes = run_clicking(k, "%%qwen --run\nInterrupted?", [[("interrupt", {})]])
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+        assert outcomes == ["Step 1: interrupted at the approval; nothing ran."]
+        assert k.value("'qm_int' in globals()") is False
+        assert k.value(f"{TURNS}[-1].steps[0]['action']") == "interrupted"
+        assert k.value(f"{TURNS}[-1].interrupted") is True
 
         k.run_ok("%config QwenMagics.approval = 'prompt'")
         k.run_ok(f"qm_script({COUNT.replace('qm_seen', 'qm_skip')!r}, 'Skipped.')")
