@@ -319,6 +319,10 @@ def section(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Step 2 with reuse: {step2_plain / step2:.1f}× faster to its first token than without. "
+        f"Step 1 reads the same {reuse['prompt_tokens'][0]} tokens both ways, so its two figures "
+        f"({reuse['first_token_s'][0]:.3f} and {plain['first_token_s'][0]:.3f} s) gauge this "
+        "run's noise; step 2's new tokens' prefill alone took "
+        f"{', '.join(f'{t:.3f}' for t in result['prefill_alone_runs'])} s in the rounds. "
         f"The code's output shown to the model: {', '.join(map(repr, result['outputs']))} (the "
         f"true count is {result['true_count']}; "
         f"{'the answer holds it' if result['count_in_answer'] else 'the answer does not hold it'}"
