@@ -136,6 +136,8 @@ def _acting_result(steps: int, step2_ratios: list[float]) -> dict:
         "prefill_alone_runs": [1.0] * 3,
         "step2_ratio": sorted(step2_ratios)[len(step2_ratios) // 2] if step2_ratios else 0.0,
         "step2_ratios": step2_ratios,
+        "per_round": [{"reuse": 1.2, "no reuse": 3.0, "alone": 1.0}] * 3,
+        "fastest": {"step2": 1.1, "alone": 1.0},
         "same_answer": True,
         "answer": "586",
         "outputs": ["586"],
@@ -163,6 +165,7 @@ def test_acting_section_says_whether_step_two_met_its_goal_and_keeps_the_others(
     assert missed.split("\n| same steps")[0].endswith("| **not met** |")
     assert "| 2 | 240 | 200 / 0 | 4 | 1.200 | 1.200 |" in met
     assert "| with reuse | 9.00 | 8.90 | 0.002 | 0.010 | 0.10 % |" in met
+    assert "| 3 | 1.200 | 3.000 | 1.000 | 1.20× |" in met  # each round's step 2
 
     report = "# Benchmarks\n\n## Other\n\nkept\n"
     once = replace_section(report, acting.HEADING, met)
