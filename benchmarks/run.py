@@ -20,7 +20,10 @@ Measured on the offline demo model (Qwen2.5-Coder-0.5B-Instruct, bf16):
   alone and replaces only its section);
 * prompt-lookup decoding on edits, time to first token for long prompts per format, and
   llama.cpp side by side where it is installed (``benchmarks/speed.py``; ``--only edits``,
-  ``--only prefill``, ``--only llamacpp``, or several names after one ``--only``).
+  ``--only prefill``, ``--only llamacpp``, or several names after one ``--only``);
+* the acting loop (``%%qwen --run``): each step's time to first token of a two-step question
+  with and without cache reuse, beside step 2's new tokens' prefill alone, and the loop's own
+  overhead (``benchmarks/acting.py``; ``--only acting``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import quantization, speed  # noqa: E402
+from benchmarks import acting, quantization, speed  # noqa: E402
 from benchmarks.common import REPORT, machine_facts, read_section  # noqa: E402
 from qwen_magic.presentation import NullView  # noqa: E402
 from qwen_magic.storage.atomic import write_atomic  # noqa: E402
@@ -438,8 +441,10 @@ def main() -> None:
         print(quantization.section(result))
         quantization.write_only_this_section(result, REPORT)
         return
-    if sys.argv[1:2] == ["--only"] and set(sys.argv[2:]) <= set(speed.SECTIONS):
-        speed.write_only_sections(sys.argv[2:], REPORT)
+    if sys.argv[1:2] == ["--only"] and set(sys.argv[2:]) <= {*speed.SECTIONS, "acting"}:
+        speed.write_only_sections([n for n in sys.argv[2:] if n != "acting"], REPORT)
+        if "acting" in sys.argv[2:]:
+            acting.write_only_this_section(REPORT)
         return
     facts = machine_facts()
     load = bench_load()
@@ -453,6 +458,7 @@ def main() -> None:
     quant = bench_quantize()
     report = render(facts, load, streaming, turns, fast, overflow, server, quant)
     report = report.rstrip("\n") + "\n\n" + "\n".join(speed.run_section(n) for n in speed.SECTIONS)
+    report += "\n" + acting.section(acting.bench_acting())
     print(report)
     write_atomic(REPORT, report)
 

@@ -114,3 +114,71 @@ def test_llama_cpp_section_is_skipped_with_a_note_where_it_is_not_installed(tmp_
     assert "## Other\n\nkept\n" in text
     assert f"## {speed.LLAMA}\n\nSkipped in this run: llama_cpp is not importable" in text
     assert "pip install llama-cpp-python" in text
+
+
+def _acting_result(steps: int, step2_ratios: list[float]) -> dict:
+    """A result of ``benchmarks.acting.bench_acting`` as data (figures made up, shapes real)."""
+    way = {
+        "steps": [steps] * 3,
+        "first_token_s": [2.5, 1.2][:steps],
+        "prompt_tokens": [181, 240][:steps],
+        "cached_tokens": [0, 200][:steps],
+        "new_tokens": [20, 4][:steps],
+        "wall_s": 9.0,
+        "model_s": 8.9,
+        "code_s": 0.002,
+        "overhead_s": 0.01,
+        "overhead_fraction": 0.001,
+    }
+    return {
+        "ways": {"reuse": way, "no reuse": {**way, "cached_tokens": [0, 0][:steps]}},
+        "prefill_alone_s": 1.0,
+        "prefill_alone_runs": [1.0] * 3,
+        "step2_ratio": sorted(step2_ratios)[len(step2_ratios) // 2] if step2_ratios else 0.0,
+        "step2_ratios": step2_ratios,
+        "per_round": [{"reuse": 1.2, "no reuse": 3.0, "alone": 1.0}] * 3,
+        "fastest": {"step2": 1.1, "alone": 1.0},
+        "same_answer": True,
+        "answer": "586",
+        "outputs": ["586"],
+        "true_count": 586,
+        "count_in_answer": True,
+        "rounds": 3,
+        "cpu": "Some CPU",
+        "threads": 2,
+        "load": "1.00, 1.00, 1.00 at the start, 1.00, 1.00, 1.00 at the end",
+    }
+
+
+def test_acting_section_says_whether_step_two_met_its_goal_and_keeps_the_others(tmp_path):
+    """The acting section marks the step-2 goal met or not met from the median ratio, lists
+    tokens per step, and replaces only its own section of BENCHMARKS.md."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import acting
+    from benchmarks.common import replace_section
+
+    met = acting.section(_acting_result(2, [1.1, 1.2, 1.25]))
+    missed = acting.section(_acting_result(2, [1.2, 1.4, 1.5]))
+    assert met.startswith(f"## {acting.HEADING}\n")
+    assert "| 1.20× (median of each round's ratio, range 1.10–1.25;" in met
+    assert met.split("\n| same steps")[0].endswith("| met |")
+    assert missed.split("\n| same steps")[0].endswith("| **not met** |")
+    assert "| 2 | 240 | 200 / 0 | 4 | 1.200 | 1.200 |" in met
+    assert "| with reuse | 9.00 | 8.90 | 0.002 | 0.010 | 0.10 % |" in met
+    assert "| 3 | 1.200 | 3.000 | 1.000 | 1.20× |" in met  # each round's step 2
+
+    report = "# Benchmarks\n\n## Other\n\nkept\n"
+    once = replace_section(report, acting.HEADING, met)
+    twice = replace_section(once, acting.HEADING, missed)
+    assert "## Other\n\nkept\n" in twice and twice.count(f"## {acting.HEADING}") == 1
+    assert "**not met**" in twice
+
+
+def test_acting_section_says_so_when_the_model_took_one_step():
+    """Where the demo model answered without running code, the section says so instead of
+    per-step figures."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import acting
+
+    text = acting.section(_acting_result(1, []))
+    assert "did not take two steps here" in text and "| goal |" not in text
