@@ -33,6 +33,12 @@ CHOSEN = {
     "skip": "Step {step}: skipped; the model is told the code did not run.",
     "stop": "Step {step}: stopped.",
 }
+#: The editor shows code in the notebook's code font (ipywidgets has no font setting for it).
+CODE_CLASS = "qwen-magic-code"
+CODE_STYLE = (
+    f"<style>.{CODE_CLASS} textarea {{font-family: var(--jp-code-font-family, monospace); "
+    "font-size: var(--jp-code-font-size, 13px);}</style>"
+)
 WAITING_TEXT = (
     "Step {step}: run this code? Click Run, Skip, Edit or Stop under the cell (if no buttons "
     "show, interrupt the kernel and set %config QwenMagics.approval = 'prompt')."
@@ -97,14 +103,15 @@ class ApprovalButtons:
         self.editor = ipywidgets.Textarea(
             value=code,
             rows=min(max(code.count("\n") + 2, 4), 24),
-            layout=ipywidgets.Layout(width="100%", display="none", font_family="monospace"),
+            layout=ipywidgets.Layout(width="100%", display="none"),
         )
+        self.editor.add_class(CODE_CLASS)
         self.run.on_click(lambda _b: self._choose("run"))
         self.skip.on_click(lambda _b: self._choose("skip"))
         self.edit.on_click(lambda _b: self._open_editor())
         self.stop.on_click(lambda _b: self._choose("stop"))
         row = ipywidgets.HBox([self.label, self.run, self.skip, self.edit, self.stop])
-        self.box = ipywidgets.VBox([row, self.editor])
+        self.box = ipywidgets.VBox([row, self.editor, ipywidgets.HTML(CODE_STYLE)])
 
     @staticmethod
     def _button(description: str, icon: str, style: str, tooltip: str) -> Any:
