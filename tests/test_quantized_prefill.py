@@ -53,6 +53,26 @@ def test_widened_int4_weight_multiplies_like_the_kernel():
     assert (widened.float() - kernel.float()).abs().max() <= 0.02 * kernel.abs().max()
 
 
+def test_int4_weight_widened_in_slabs_is_the_kernels_weight(monkeypatch):
+    """unpack_int4 written in several slabs (the last one short) is, to bf16 rounding, the
+    weight the int4 kernel multiplies by: the kernel applied to the identity returns it."""
+    if not quantized_prefill.int4_layout_matches():
+        pytest.skip("this CPU's int4 layout is not the one unpack_int4 reads")
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    monkeypatch.setattr(quantized_prefill, "UNPACK_SLAB", 256)
+    torch.manual_seed(1)
+    inputs = 640  # slabs of 256, 256 and 128 inputs
+    weight = Int4OpaqueTensor.from_hp(torch.randn(128, inputs, dtype=torch.bfloat16), [1, 128])
+    by_kernel = torch.nn.functional.linear(torch.eye(inputs, dtype=torch.bfloat16), weight)
+    widened = quantized_prefill.unpack_int4(
+        weight.qdata, weight.scale_and_zero, 128, torch.bfloat16
+    )
+    assert widened.shape == (inputs, 128) and widened.is_contiguous()
+    tolerance = 2**-7 * by_kernel.float().abs() + 1e-6  # one bf16 rounding, either side
+    assert ((widened.float() - by_kernel.float()).abs() <= tolerance).all()
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_a_long_prompt_is_read_with_widened_weights_and_a_step_with_the_kernel(
     quantized_tiny, monkeypatch, fmt
