@@ -151,6 +151,10 @@ def _long_prompt(tokenizer: Any, tokens: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"```python\n{text}\n```\nWhat does this code do?"}]
 
 
+#: Prefill: rounds per prompt length (the order of the formats reversed every round).
+PREFILL_ROUNDS = {1000: 4, 4000: 2}
+
+
 def bench_prefill() -> dict:
     """Time to first token (one new token) per format and prompt length, rounds interleaved."""
     from qwen_magic.backends.kernel.backend import KernelBackend
@@ -165,7 +169,7 @@ def bench_prefill() -> dict:
     times: dict[tuple[str, int], list[float]] = {}
     for backend in backends.values():
         _reply(backend, TASKS["prose"], 2, "off")  # warm up
-    for length, rounds in ((1000, 2), (4000, 1)):
+    for length, rounds in PREFILL_ROUNDS.items():
         for round_ in range(rounds):
             order = runs if round_ % 2 == 0 else runs[::-1]
             for name, fmt, many_rows in order:
@@ -182,6 +186,8 @@ def bench_prefill() -> dict:
     return {
         "tokens": sizes,
         "first_s": {f"{name}|{n}": statistics.median(v) for (name, n), v in times.items()},
+        "range": {f"{name}|{n}": (min(v), max(v)) for (name, n), v in times.items()},
+        "rounds": PREFILL_ROUNDS,
         "cpu": cpu_name(),
     }
 
@@ -327,13 +333,17 @@ def edits_section(result: dict) -> str:
 
 def prefill_section(result: dict) -> str:
     sizes, first = result["tokens"], result["first_s"]
+    spread = result.get("range", {})
+    rounds = result.get("rounds", {1000: 2, 4000: 1})
     lines = [
         f"## {PREFILL}",
         "",
         f"Time to first token on {result['cpu']}, 2 threads, one run, the formats interleaved "
-        "(median of 2 rounds for the shorter prompt, 1 for the longer); the machine was shared "
+        f"(the order reversed every round; median of {rounds[1000]} rounds for the shorter "
+        f"prompt, {rounds[4000]} for the longer, ranges in brackets); the machine was shared "
         'with other developers\' work. "its kernel": the quantized kernel for every row, as '
-        "before many-row prefill.",
+        "before many-row prefill. Goal (issue #20): a quantized model's time to first token for "
+        "a ~1,000-token prompt ≤ 1.1× bf16's.",
         "",
         f"| format | {sizes[1000]} tokens | × bf16 | {sizes[4000]} tokens | × bf16 |",
         "|---|---|---|---|---|",
@@ -344,7 +354,12 @@ def prefill_section(result: dict) -> str:
         for n in (1000, 4000):
             value = first.get(f"{name}|{n}")
             base = first.get(f"bf16|{n}")
-            cells += [f"{value:.2f} s", f"{value / base:.2f}×"] if value and base else ["–", "–"]
+            if not value or not base:
+                cells += ["–", "–"]
+                continue
+            low, high = spread.get(f"{name}|{n}", (value, value))
+            shown = f"{value:.2f} s" + (f" ({low:.2f}–{high:.2f})" if low != high else "")
+            cells += [shown, f"{value / base:.2f}×"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

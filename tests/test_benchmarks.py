@@ -113,4 +113,38 @@ def test_llama_cpp_section_is_skipped_with_a_note_where_it_is_not_installed(tmp_
     text = report.read_text()
     assert "## Other\n\nkept\n" in text
     assert f"## {speed.LLAMA}\n\nSkipped in this run: llama_cpp is not importable" in text
-    assert "pip install llama-cpp-python" in text
+    assert "pip install llama-cpp-python" in text and "`make llama-cpp`" in text
+
+
+def test_llama_cpp_section_compares_each_engine_with_qwen_int4_and_bf16():
+    """The side-by-side table gives every engine's decode speed over %%qwen int4's and its
+    time to first token over %%qwen bf16's, with the prompt tokens each engine read."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    def row(tps: float, first: float) -> dict:
+        return {
+            "tps": tps,
+            "tps_range": (tps - 1, tps + 1),
+            "first_s": first,
+            "first_range": (first, first),
+            "tokens": 64,
+            "prompt_tokens": 1015,
+            "text": "Unit tests matter.",
+        }
+
+    result = {
+        "results": {
+            "llama.cpp": row(30.0, 4.0),
+            "%%qwen bf16": row(10.0, 2.0),
+            "%%qwen int4": row(20.0, 2.2),
+        },
+        "threads": 2,
+        "version": "0.3.36",
+        "cpu": "Some CPU",
+        "rounds": 3,
+    }
+    text = speed.llama_section(result)
+    assert "| llama.cpp | 30.0 (29.0–31.0) | 1.50× | 1015 | 4.00 s (4.00–4.00) | 2.00× |" in text
+    assert "| %%qwen int4 | 20.0 (19.0–21.0) | 1.00× | 1015 | 2.20 s (2.20–2.20) | 1.10× |" in text
+    assert "Some CPU, 2 threads for every engine" in text
