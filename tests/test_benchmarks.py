@@ -148,3 +148,23 @@ def test_llama_cpp_section_compares_each_engine_with_qwen_int4_and_bf16():
     assert "| llama.cpp | 30.0 (29.0–31.0) | 1.50× | 1015 | 4.00 s (4.00–4.00) | 2.00× |" in text
     assert "| %%qwen int4 | 20.0 (19.0–21.0) | 1.00× | 1015 | 2.20 s (2.20–2.20) | 1.10× |" in text
     assert "Some CPU, 2 threads for every engine" in text
+
+
+def test_prefill_section_shows_the_rounds_ratio_to_bf16_with_its_range():
+    """Each Prefill cell gives the median time with its range and, beside it, the median of
+    the rounds' own ratios to bf16 (not the ratio of the medians), with that range."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    result = {
+        "tokens": {1000: 1005, 4000: 4041},
+        "first_s": {"bf16|1000": 2.0, "int4|1000": 3.0, "bf16|4000": 9.0, "int4|4000": 9.0},
+        "range": {"bf16|1000": (1.5, 2.5), "int4|1000": (2.0, 3.5)},
+        "ratio": {"bf16|1000": 1.0, "int4|1000": 1.05, "bf16|4000": 1.0, "int4|4000": 0.98},
+        "ratio_range": {"int4|1000": (0.95, 1.25)},
+        "rounds": {1000: 6, 4000: 2},
+        "cpu": "Some CPU",
+    }
+    text = speed.prefill_section(result)
+    assert "| int4 | 3.00 s (2.00–3.50) | 1.05× (0.95–1.25) | 9.00 s | 0.98× |" in text
+    assert "| int8 | – | – | – | – |" in text

@@ -9,8 +9,8 @@ widened weight is freed when the layer returns, so memory holds one layer's bf16
 time, never a second copy of the model. Decoding keeps the quantized kernels. With the CPU's
 bf16 matrix units the matmul is cheap, so the widening itself is the cost to keep small: see
 :func:`unpack_int4`. (Measured in
-BENCHMARKS.md's Prefill section: int8 read a 1,000-token prompt 2.2x faster than with its
-kernel; int4's gain was not measurable on a crowded machine, see README.md.)
+BENCHMARKS.md's Prefill section: a 1,005-token prompt read 3-4x faster than with the kernels,
+at about 1.03x (int8) and 1.06x (int4) bf16's time; README.md has the runs.)
 
 * **int8** (:class:`~qwen_magic.int8_linear.Int8PackedLinear`): ``weight * scale[:, None]``.
 * **int4** (torchao's CPU ``Int4OpaqueTensor``): the weight is packed for the int4 kernel in
