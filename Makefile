@@ -12,7 +12,7 @@ TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 # bench-gpu's Python: the .venv's where there is one, else the machine's python3 (a GPU image).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
-.PHONY: install demo-model demo lab serve test test-fast lint format bench bench-gpu gpu-wheels browser-deps clean
+.PHONY: install demo-model demo lab serve test test-fast lint format bench bench-gpu gpu-wheels browser-deps llama-cpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,18 @@ test: install browser-deps demo-model lint  ## every tier: unit, then real kerne
 
 bench: demo-model  ## speed and memory, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py
+
+# llama.cpp for BENCHMARKS.md's side by side (never a test dependency): llama-cpp-python built from
+# its sdist (about 5 minutes). On a CPU that reports AMX a native build dies with an illegal
+# instruction at the first token (its AMX buffer type), so there the instruction sets are named.
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_FLAGS_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+  -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+  -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CPP_FLAGS = $(if $(shell grep -m1 -ow amx_tile /proc/cpuinfo 2>/dev/null),$(LLAMA_CPP_FLAGS_AMX),-DGGML_NATIVE=ON)
+llama-cpp: install  ## build and install llama-cpp-python into .venv for `benchmarks/run.py --only llamacpp`
+	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(BIN)/python -m pip install -q --no-binary llama-cpp-python \
+	  --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 
 # No install step: a GPU machine may have no network. Where build/gpu-wheels holds wheels (from
 # `make gpu-wheels`, run where pip can download), they are installed into build/gpu-site first.

@@ -22,7 +22,6 @@ run, because the machines are shared and noisy. ``python benchmarks/run.py --onl
 from __future__ import annotations
 
 import importlib.util
-import os
 import statistics
 import tempfile
 import time
@@ -152,8 +151,14 @@ def _long_prompt(tokenizer: Any, tokens: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"```python\n{text}\n```\nWhat does this code do?"}]
 
 
+#: Prefill: rounds per prompt length (the order of the formats reversed every round); the
+#: quantized kernels for every row, the slow "before" reference, only in the first rounds.
+PREFILL_ROUNDS, KERNEL_ROUNDS = {1000: 6, 4000: 2}, 2
+
+
 def bench_prefill() -> dict:
-    """Time to first token (one new token) per format and prompt length, rounds interleaved."""
+    """Time to first token (one new token) per format and prompt length, rounds interleaved;
+    each ratio to bf16 is the median of the rounds' own ratios (the machine's load drifts)."""
     from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.backends.kernel.quantize import prefill as quantized_prefill
 
@@ -166,12 +171,12 @@ def bench_prefill() -> dict:
     times: dict[tuple[str, int], list[float]] = {}
     for backend in backends.values():
         _reply(backend, TASKS["prose"], 2, "off")  # warm up
-    for length, rounds in ((1000, 2), (4000, 1)):
+    for length, rounds in PREFILL_ROUNDS.items():
         for round_ in range(rounds):
             order = runs if round_ % 2 == 0 else runs[::-1]
             for name, fmt, many_rows in order:
-                if length == 4000 and not many_rows:
-                    continue  # the kernels' prefill is the slow path: one length shows it
+                if not many_rows and (length == 4000 or round_ >= KERNEL_ROUNDS):
+                    continue  # the kernels' prefill is the slow path: two rounds show it
                 say(f"prefill: {name}, {sizes[length]} tokens…")
                 saved = quantized_prefill.MANY_ROWS
                 quantized_prefill.MANY_ROWS = saved if many_rows else 10**9
@@ -180,66 +185,122 @@ def bench_prefill() -> dict:
                 finally:
                     quantized_prefill.MANY_ROWS = saved
                 times.setdefault((name, length), []).append(first)
+    ratios = {
+        (name, n): [t / base for t, base in zip(v, times[("bf16", n)], strict=False)]
+        for (name, n), v in times.items()
+    }
     return {
         "tokens": sizes,
         "first_s": {f"{name}|{n}": statistics.median(v) for (name, n), v in times.items()},
+        "ratio": {f"{name}|{n}": statistics.median(v) for (name, n), v in ratios.items()},
+        "ratio_range": {f"{name}|{n}": (min(v), max(v)) for (name, n), v in ratios.items()},
+        "range": {f"{name}|{n}": (min(v), max(v)) for (name, n), v in times.items()},
+        "rounds": PREFILL_ROUNDS,
         "cpu": cpu_name(),
     }
 
 
+#: llama.cpp side by side: rounds, each engine once per round, the order reversed every round.
+LLAMA_ROUNDS = 3
+LLAMA_NEW_TOKENS = 64
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
 def bench_llama_cpp() -> dict:
-    """The demo GGUF in llama.cpp beside %%qwen int4 and bf16, same prompts and threads."""
+    """The demo GGUF in llama.cpp beside %%qwen int4 and bf16: the same chat messages (an
+    explicit system prompt, so neither template adds its own), the same thread count, greedy,
+    the engines interleaved; medians of the rounds."""
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama_cpp is not importable here (pip install llama-cpp-python)"}
     import llama_cpp
+    import torch
 
     from qwen_magic.backends.kernel.backend import KernelBackend
     from qwen_magic.backends.kernel.demo_model import assemble_gguf
 
-    threads = os.cpu_count() or 1
-    results: dict[str, dict[str, float]] = {}
+    threads = torch.get_num_threads()  # what %%qwen runs with (run.py sets it)
+    backends = {"%%qwen bf16": KernelBackend(_load("none"))}
+    backends["%%qwen int4"] = KernelBackend(_load("int4"))
+    tokenizer = backends["%%qwen bf16"].loaded.tokenizer
+    short = [SYSTEM, *TASKS["prose"]]
+    long = [SYSTEM, *_long_prompt(tokenizer, 1000)]
+    samples: dict[str, dict[str, list[float]]] = {}
+    texts: dict[str, str] = {}
+    prompt_tokens: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:
         gguf = Path(scratch) / "demo.gguf"
         assemble_gguf(gguf, progress=say)
         llama = llama_cpp.Llama(
             str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
         )
-        backends = {"%%qwen bf16": KernelBackend(_load("none"))}
-        backends["%%qwen int4"] = KernelBackend(_load("int4"))
-        tokenizer = backends["%%qwen bf16"].loaded.tokenizer
-        short, long = TASKS["prose"], _long_prompt(tokenizer, 1000)
-        for name in ["llama.cpp", *backends]:  # one round each, in this order
-            say(f"llama.cpp side by side: {name}…")
-            if name == "llama.cpp":
-                results[name] = {
-                    "tps": _llama_decode(llama, short, 64),
-                    "first_s": _llama_first_token(llama, long),
-                }
-            else:
-                decode = _reply(backends[name], short, 64, "off")
-                results[name] = {
-                    "tps": decode["tps"],
-                    "first_s": _reply(backends[name], long, 1, "off")["first_s"],
-                }
-    return {"results": results, "threads": threads, "version": llama_cpp.__version__}
+        _llama_decode(llama, short, 4)  # warm up every engine once
+        for backend in backends.values():
+            _reply(backend, short, 4, "off")
+        engines = ["llama.cpp", *backends]
+        for round_ in range(LLAMA_ROUNDS):
+            for name in engines if round_ % 2 == 0 else engines[::-1]:
+                say(f"llama.cpp side by side: {name}, round {round_ + 1}…")
+                if name == "llama.cpp":
+                    decode = _llama_decode(llama, short, LLAMA_NEW_TOKENS)
+                    first = _llama_first_token(llama, long)
+                else:
+                    decode = _reply(backends[name], short, LLAMA_NEW_TOKENS, "off")
+                    first = _reply(backends[name], long, 1, "off")
+                    first["prompt_tokens"] = backends[name].count_tokens(long)
+                row = samples.setdefault(name, {"tps": [], "first_s": [], "tokens": []})
+                row["tps"].append(decode["tps"])
+                row["tokens"].append(decode["tokens"])
+                row["first_s"].append(first["first_s"])
+                texts[name] = decode["text"]
+                prompt_tokens[name] = first["prompt_tokens"]
+        del llama
+    results = {
+        name: {
+            "tps": statistics.median(row["tps"]),
+            "tps_range": (min(row["tps"]), max(row["tps"])),
+            "first_s": statistics.median(row["first_s"]),
+            "first_range": (min(row["first_s"]), max(row["first_s"])),
+            "tokens": statistics.median(row["tokens"]),
+            "prompt_tokens": prompt_tokens[name],
+            "text": texts[name],
+        }
+        for name, row in samples.items()
+    }
+    return {
+        "results": results,
+        "threads": threads,
+        "version": llama_cpp.__version__,
+        "cpu": cpu_name(),
+        "rounds": LLAMA_ROUNDS,
+    }
 
 
-def _llama_decode(llama: Any, messages: list[dict[str, str]], tokens: int) -> float:
-    first, count = None, 0
-    stream = llama.create_chat_completion(messages, max_tokens=tokens, temperature=0, stream=True)
+def _llama_decode(llama: Any, messages: list[dict[str, str]], tokens: int) -> dict:
+    """Stream a greedy reply; decode tokens/s after the first token (one chunk per token)."""
+    llama.reset()
+    first, count, text = None, 0, []
+    stream = llama.create_chat_completion(
+        messages, max_tokens=tokens, temperature=0, top_k=1, stream=True
+    )
     for chunk in stream:
-        if chunk["choices"][0]["delta"].get("content"):
+        if content := chunk["choices"][0]["delta"].get("content"):
             first = first or time.perf_counter()
             count += 1
+            text.append(content)
     end = time.perf_counter()
-    return (count - 1) / (end - first) if first and count > 1 and end > first else 0.0
+    tps = (count - 1) / (end - first) if first and count > 1 and end > first else 0.0
+    return {"tps": tps, "tokens": count, "text": "".join(text)}
 
 
-def _llama_first_token(llama: Any, messages: list[dict[str, str]]) -> float:
+def _llama_first_token(llama: Any, messages: list[dict[str, str]]) -> dict:
+    """Seconds to read the whole prompt and make one token (the prefix cache reset first)."""
     llama.reset()  # no prefix reuse: the whole prompt is read
     started = time.perf_counter()
-    llama.create_chat_completion(messages, max_tokens=1, temperature=0)
-    return time.perf_counter() - started
+    answer = llama.create_chat_completion(messages, max_tokens=1, temperature=0, top_k=1)
+    return {
+        "first_s": time.perf_counter() - started,
+        "prompt_tokens": answer["usage"]["prompt_tokens"],
+    }
 
 
 # -- sections -----------------------------------------------------------------------------
@@ -280,13 +341,18 @@ def edits_section(result: dict) -> str:
 
 def prefill_section(result: dict) -> str:
     sizes, first = result["tokens"], result["first_s"]
+    spread = result.get("range", {})
+    rounds = result.get("rounds", {1000: 2, 4000: 1})
     lines = [
         f"## {PREFILL}",
         "",
         f"Time to first token on {result['cpu']}, 2 threads, one run, the formats interleaved "
-        "(median of 2 rounds for the shorter prompt, 1 for the longer); the machine was shared "
+        f"(the order reversed every round; {rounds[1000]} rounds for the shorter prompt, "
+        f"{rounds[4000]} for the longer, {KERNEL_ROUNDS} for the kernels' rows; medians, ranges in "
+        "brackets; × bf16 is the median of the rounds' own ratios); the machine was shared "
         'with other developers\' work. "its kernel": the quantized kernel for every row, as '
-        "before many-row prefill.",
+        "before many-row prefill. Goal (issue #20): a quantized model's time to first token for "
+        "a ~1,000-token prompt ≤ 1.1× bf16's.",
         "",
         f"| format | {sizes[1000]} tokens | × bf16 | {sizes[4000]} tokens | × bf16 |",
         "|---|---|---|---|---|",
@@ -297,7 +363,14 @@ def prefill_section(result: dict) -> str:
         for n in (1000, 4000):
             value = first.get(f"{name}|{n}")
             base = first.get(f"bf16|{n}")
-            cells += [f"{value:.2f} s", f"{value / base:.2f}×"] if value and base else ["–", "–"]
+            if not value or not base:
+                cells += ["–", "–"]
+                continue
+            low, high = spread.get(f"{name}|{n}", (value, value))
+            shown = f"{value:.2f} s" + (f" ({low:.2f}–{high:.2f})" if low != high else "")
+            ratio = result.get("ratio", {}).get(f"{name}|{n}", value / base)
+            low, high = result.get("ratio_range", {}).get(f"{name}|{n}", (ratio, ratio))
+            cells += [shown, f"{ratio:.2f}×" + (f" ({low:.2f}–{high:.2f})" if low != high else "")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -309,23 +382,41 @@ def llama_section(result: dict) -> str:
             "\n".join(
                 [
                     *lines,
-                    f"Skipped in this run: {result['skipped']}. Build it as README.md says (on a "
-                    "CPU that reports AMX, with explicit instruction-set flags), then run "
-                    "`python benchmarks/run.py --only llamacpp`.",
+                    f"Skipped in this run: {result['skipped']}. Build it with `make llama-cpp` "
+                    "(README.md says why: on a CPU that reports AMX it needs explicit "
+                    "instruction-set flags), then run `python benchmarks/run.py --only llamacpp`.",
                 ]
             )
             + "\n"
         )
+    results = result["results"]
+    int4, bf16 = results.get("%%qwen int4"), results.get("%%qwen bf16")
     lines += [
-        f"llama-cpp-python {result['version']}, the demo GGUF (Q4_K_M), {result['threads']} "
-        "threads, greedy, one run in the order listed: decode tokens/s over 64 tokens of "
-        "prose, and time to first token for a ~1,000-token prompt.",
+        f"llama-cpp-python {result['version']} (`make llama-cpp`), the demo GGUF "
+        f"(Q4_K_M), on {result['cpu']}, {result['threads']} threads for every engine (torch's "
+        "and llama.cpp's), greedy, the same chat messages with an explicit system prompt; "
+        f"{result['rounds']} rounds with the engines interleaved (the order reversed every "
+        "round), medians, ranges in brackets. Decode: tokens/s after the first over up to "
+        f'{LLAMA_NEW_TOKENS} new tokens of "{PROSE}"; first token: a fresh read (no prefix '
+        "cache) of the ~1,000-token prompt of the Prefill section, one new token. The machine "
+        "was shared with other developers' work.",
         "",
-        "| engine | decode tokens/s | first token, ~1,000 tokens |",
-        "|---|---|---|",
+        "| engine | decode tokens/s | × %%qwen int4 | prompt tokens | first token | "
+        "× %%qwen bf16 |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, row in result["results"].items():
-        lines.append(f"| {name} | {row['tps']:.1f} | {row['first_s']:.2f} s |")
+    for name, row in results.items():
+        low, high = row["tps_range"]
+        first_low, first_high = row["first_range"]
+        speed = f"{row['tps'] / int4['tps']:.2f}×" if int4 and int4["tps"] else "–"
+        first = f"{row['first_s'] / bf16['first_s']:.2f}×" if bf16 and bf16["first_s"] else "–"
+        lines.append(
+            f"| {name} | {row['tps']:.1f} ({low:.1f}–{high:.1f}) | {speed} | "
+            f"{row['prompt_tokens']} | {row['first_s']:.2f} s ({first_low:.2f}–{first_high:.2f}) | "
+            f"{first} |"
+        )
+    lines += ["", "Replies (greedy, first 80 characters):", ""]
+    lines += [f"- {name}: {row['text'][:80]!r}" for name, row in results.items()]
     return "\n".join(lines) + "\n"
 
 

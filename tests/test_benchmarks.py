@@ -113,7 +113,7 @@ def test_llama_cpp_section_is_skipped_with_a_note_where_it_is_not_installed(tmp_
     text = report.read_text()
     assert "## Other\n\nkept\n" in text
     assert f"## {speed.LLAMA}\n\nSkipped in this run: llama_cpp is not importable" in text
-    assert "pip install llama-cpp-python" in text
+    assert "pip install llama-cpp-python" in text and "`make llama-cpp`" in text
 
 
 def _acting_result(steps: int, step2_ratios: list[float]) -> dict:
@@ -182,3 +182,57 @@ def test_acting_section_says_so_when_the_model_took_one_step():
 
     text = acting.section(_acting_result(1, []))
     assert "did not take two steps here" in text and "| goal |" not in text
+
+
+def test_llama_cpp_section_compares_each_engine_with_qwen_int4_and_bf16():
+    """The side-by-side table gives every engine's decode speed over %%qwen int4's and its
+    time to first token over %%qwen bf16's, with the prompt tokens each engine read."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    def row(tps: float, first: float) -> dict:
+        return {
+            "tps": tps,
+            "tps_range": (tps - 1, tps + 1),
+            "first_s": first,
+            "first_range": (first, first),
+            "tokens": 64,
+            "prompt_tokens": 1015,
+            "text": "Unit tests matter.",
+        }
+
+    result = {
+        "results": {
+            "llama.cpp": row(30.0, 4.0),
+            "%%qwen bf16": row(10.0, 2.0),
+            "%%qwen int4": row(20.0, 2.2),
+        },
+        "threads": 2,
+        "version": "0.3.36",
+        "cpu": "Some CPU",
+        "rounds": 3,
+    }
+    text = speed.llama_section(result)
+    assert "| llama.cpp | 30.0 (29.0–31.0) | 1.50× | 1015 | 4.00 s (4.00–4.00) | 2.00× |" in text
+    assert "| %%qwen int4 | 20.0 (19.0–21.0) | 1.00× | 1015 | 2.20 s (2.20–2.20) | 1.10× |" in text
+    assert "Some CPU, 2 threads for every engine" in text
+
+
+def test_prefill_section_shows_the_rounds_ratio_to_bf16_with_its_range():
+    """Each Prefill cell gives the median time with its range and, beside it, the median of
+    the rounds' own ratios to bf16 (not the ratio of the medians), with that range."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    result = {
+        "tokens": {1000: 1005, 4000: 4041},
+        "first_s": {"bf16|1000": 2.0, "int4|1000": 3.0, "bf16|4000": 9.0, "int4|4000": 9.0},
+        "range": {"bf16|1000": (1.5, 2.5), "int4|1000": (2.0, 3.5)},
+        "ratio": {"bf16|1000": 1.0, "int4|1000": 1.05, "bf16|4000": 1.0, "int4|4000": 0.98},
+        "ratio_range": {"int4|1000": (0.95, 1.25)},
+        "rounds": {1000: 6, 4000: 2},
+        "cpu": "Some CPU",
+    }
+    text = speed.prefill_section(result)
+    assert "| int4 | 3.00 s (2.00–3.50) | 1.05× (0.95–1.25) | 9.00 s | 0.98× |" in text
+    assert "| int8 | – | – | – | – |" in text

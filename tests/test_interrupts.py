@@ -137,6 +137,32 @@ def test_a_cancel_is_seen_before_the_next_decoder_layer(tiny, monkeypatch):
     assert all(not layer._forward_pre_hooks for layer in layers)
 
 
+def test_a_chunked_prefill_leaves_no_short_last_chunk(tiny, monkeypatch):
+    """A rest shorter than the smallest chunk is read with the chunk before it, never alone (a
+    quantized model would read a short pass with its one-row kernel)."""
+    import torch
+
+    from qwen_magic.backends.kernel.caches import new_dynamic_cache
+
+    for name in ("PREFILL_FIRST_CHUNK", "PREFILL_MIN_CHUNK", "PREFILL_MAX_CHUNK"):
+        monkeypatch.setattr(prefill_module, name, 16)
+    chunks: list[int] = []
+    hook = tiny.model.model.layers[0].register_forward_pre_hook(
+        lambda _module, args: chunks.append(args[0].shape[1])
+    )
+    ids = torch.tensor([list(range(100, 140))])  # 39 tokens to prefill: 16, then 23
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        cache_argument(): new_dynamic_cache(tiny.model.config),
+    }
+    try:
+        covered = generation.prefill(tiny.model, kwargs, threading.Event())
+    finally:
+        hook.remove()
+    assert chunks == [16, 23] and covered == 39
+
+
 def test_chunked_prefill_says_the_same_as_one_prefill(tiny, monkeypatch):
     """Reading a prompt in many small chunks gives the same greedy reply as in one go."""
     messages = [{"role": "user", "content": "Tell me about the sea. " * 30}]

@@ -6,9 +6,11 @@ s, bf16 3.0 s), whose matmul uses the CPU's matrix units for many rows. So a qua
 given at least :data:`MANY_ROWS` rows at once (a prompt, never a decoding or verification step)
 widens its own weight to bfloat16 for that one call and multiplies with bfloat16's matmul; the
 widened weight is freed when the layer returns, so memory holds one layer's bf16 weight at a
-time, never a second copy of the model. Decoding keeps the quantized kernels. (Measured in
-BENCHMARKS.md's Prefill section: int8 read a 1,000-token prompt 2.2x faster than with its
-kernel; int4's gain was not measurable on a crowded machine, see README.md.)
+time, never a second copy of the model. Decoding keeps the quantized kernels. With the CPU's
+bf16 matrix units the matmul is cheap, so the widening itself is the cost to keep small: see
+:func:`unpack_int4`. (Measured in
+BENCHMARKS.md's Prefill section: a 1,005-token prompt read 3-4x faster than with the kernels,
+at about 1.03x (int8) and 1.06x (int4) bf16's time; README.md has the runs.)
 
 * **int8** (:class:`~qwen_magic.int8_linear.Int8PackedLinear`): ``weight * scale[:, None]``.
 * **int4** (torchao's CPU ``Int4OpaqueTensor``): the weight is packed for the int4 kernel in
@@ -34,25 +36,52 @@ from typing import Any
 MANY_ROWS = 128
 #: The int4 kernel's block of output rows in its packed layout (AVX-512).
 INT4_BLOCK = 64
+#: :func:`unpack_int4` widens this many inputs (rows of its ``[in, out]`` result) at a time.
+UNPACK_SLAB = 256
 
 
 def unpack_int4(packed: Any, scale_and_zero: Any, group_size: int, dtype: Any) -> Any:
     """The transposed dequantized weight ``[in, out]`` of an int4 weight packed (AVX-512
-    layout) as ``packed [out, in / 2]`` with ``scale_and_zero [in / group, out, 2]``."""
+    layout) as ``packed [out, in / 2]`` with ``scale_and_zero [in / group, out, 2]``.
+
+    Written in slabs of :data:`UNPACK_SLAB` inputs, so a slab's unpacked 4-bit values stay in
+    the CPU's cache between the passes that make them: the nibbles are split four bytes at a
+    time, copied into the output dtype, then scaled and offset there in place. Every pass has one
+    dtype in and out: ATen's mixed-dtype elementwise ops (a uint8 tensor times a bf16 scale) are
+    not vectorized and were measured 5x slower than a copy plus a one-dtype ``addcmul``."""
     import torch
 
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
     # Byte j of a block's 32 for input k holds rows j (low nibble) and j + 32 (high nibble).
     by_input = packed.view(out_features // INT4_BLOCK, in_features, 32).transpose(0, 1)
+    words = by_input.view(torch.int32)  # [in, out / 64, 8]: four packed bytes per word
+    scale = scale_and_zero[:, :, 0].float()
+    # w = (q - 8) * scale + zero = q * scale + offset; offset rounded once to the dtype.
+    offset = (scale_and_zero[:, :, 1].float() - 8 * scale).to(dtype).unsqueeze(1)
+    scale = scale.to(dtype).unsqueeze(1)
+    widened = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
+    slab = max(group_size, UNPACK_SLAB // group_size * group_size)
     values = torch.empty(
-        in_features, out_features // INT4_BLOCK, 2, 32, dtype=torch.uint8, device=packed.device
+        min(slab, in_features),
+        out_features // INT4_BLOCK,
+        2,
+        32,
+        dtype=torch.uint8,
+        device=packed.device,
     )
-    torch.bitwise_and(by_input, 0xF, out=values[:, :, 0])
-    torch.bitwise_right_shift(by_input, 4, out=values[:, :, 1])
-    scale = scale_and_zero[:, :, 0].unsqueeze(1)
-    offset = (scale_and_zero[:, :, 1] - 8 * scale_and_zero[:, :, 0]).unsqueeze(1)
-    grouped = values.view(in_features // group_size, group_size, out_features)
-    return torch.addcmul(offset, grouped, scale).to(dtype).view(in_features, out_features)
+    for start in range(0, in_features, slab):
+        stop = min(start + slab, in_features)
+        nibbles = values[: stop - start]
+        as_words = nibbles.view(torch.int32)  # [rows, out / 64, 2, 8]
+        torch.bitwise_and(words[start:stop], 0x0F0F0F0F, out=as_words[:, :, 0])
+        torch.bitwise_right_shift(words[start:stop], 4, out=as_words[:, :, 1])
+        as_words[:, :, 1].bitwise_and_(0x0F0F0F0F)
+        part = widened[start:stop]
+        part.copy_(nibbles.view(stop - start, out_features))
+        groups = slice(start // group_size, stop // group_size)
+        part = part.view(-1, group_size, out_features)
+        torch.addcmul(offset[groups], part, scale[groups], out=part)
+    return widened
 
 
 def int4_layout_matches() -> bool:
