@@ -224,8 +224,12 @@ ACT_CELLS = [
     "                      'amount': qm_rng.uniform(0, 100, 1234).round(2)})",
     "%%qwen --run --greedy -n 120\nHow many rows of `sales` have an amount above 50?",
     "qm_turn = __import__('qwen_magic').Chat().conversation().turns[-1]\n"
-    "print('ACT', int((sales['amount'] > 50).sum()), [s['action'] for s in qm_turn.steps])",
+    "print('ACT', int((sales['amount'] > 50).sum()), [s['action'] for s in qm_turn.steps],\n"
+    "      'EDITED', globals().get('qm_edited'))",
 ]
+EDITED_CODE = "qm_edited = 12345\nqm_edited"
+#: One step only, so the edited step is the last that may run (no further buttons to answer).
+ASK_ONCE_CELL = "%%qwen --run --max-steps 1 --greedy -n 60\nHow many rows of `sales` are there?"
 
 
 def _approval_button(lab, index: int, name: str):
@@ -249,9 +253,10 @@ def _click_when_shown(lab, index: int, name: str):
 def test_approval_buttons_run_or_skip_the_code_in_jupyterlab(lab_server, demo_path):
     """In JupyterLab, %%qwen --run shows Run / Skip / Edit / Stop under the proposed code while
     the cell waits; Run runs it in the kernel and the answer with its result follows in the
-    cell; re-running the cell and clicking Skip runs nothing."""
-    data, ask, facts = (len(SETUP_CELLS) + i for i in range(3))
-    with set_up_notebook(lab_server, "browser_approval", ACT_CELLS) as lab:
+    cell; re-running the cell and clicking Skip runs nothing; once more, Edit opens the code in
+    a text area, and what is typed there is what runs."""
+    data, ask, facts, once = (len(SETUP_CELLS) + i for i in range(4))
+    with set_up_notebook(lab_server, "browser_approval", [*ACT_CELLS, ASK_ONCE_CELL]) as lab:
         lab.run_cell(data)
         lab.start_cell(ask)
         waiting = _click_when_shown(lab, ask, "Run")
@@ -266,10 +271,22 @@ def test_approval_buttons_run_or_skip_the_code_in_jupyterlab(lab_server, demo_pa
         buttons_after = _approval_button(lab, ask, "Run").count()
         lab.run_cell(facts)
         after = lab.output_text(facts)
+        lab.start_cell(once)
+        _click_when_shown(lab, once, "Edit")
+        editor = lab.cell(once).locator("textarea")
+        editor.wait_for(state="visible", timeout=lab.left() * 1000)
+        proposed = editor.input_value()
+        editor.fill(EDITED_CODE)
+        _click_when_shown(lab, once, "Run edited")
+        lab.wait_cell_done(once)
+        edited = lab.output_text(once)
+        lab.run_cell(facts)
+        after_edit = lab.output_text(facts)
         lab.scroll_to = lab.cell(ask)
     detail = (
         f"waiting={waiting!r}\napproved={approved!r}\nran={ran!r}\nskipped={skipped!r}\n"
-        f"after={after!r}\nconsole={lab.console[-10:]}"
+        f"after={after!r}\nproposed={proposed!r}\nedited={edited!r}\nafter_edit={after_edit!r}\n"
+        f"console={lab.console[-10:]}"
     )
     print(detail)
     match = re.search(r"ACT (\d+) \['ran'\]", ran)
@@ -283,3 +300,8 @@ def test_approval_buttons_run_or_skip_the_code_in_jupyterlab(lab_server, demo_pa
     assert skipped_steps, detail
     actions = ast.literal_eval(skipped_steps[1])  # the turn was replaced, and nothing ran
     assert actions[0] == "skipped" and not {"ran", "edited"} & set(actions), detail
+    assert "EDITED None" in after, detail
+    # Edit: the proposed code, prefilled; the typed code is what ran, recorded as edited.
+    assert "sales" in proposed, detail
+    assert "Step 1: your edited code runs." in edited and "12345" in edited, detail
+    assert re.search(r"ACT \d+ \['edited'.*EDITED 12345", after_edit), detail
