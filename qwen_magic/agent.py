@@ -134,10 +134,16 @@ class CodeRunner(Protocol):
 
 @dataclass
 class _Progress:
-    """What has happened in the turn so far (recorded whatever way it ends)."""
+    """One turn: what it was asked with, and what has happened so far (recorded whatever way
+    it ends)."""
 
     message: str
     cell_id: str | None
+    backend: Backend
+    chat: Conversation
+    options: GenerationOptions
+    system: str
+    view: ViewChoice
     steps: list[dict[str, Any]] = field(default_factory=list)
     answer: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -187,31 +193,23 @@ class Agent:
         base = chat.system_prompt if system_prompt is None else system_prompt
         system = agent_system_prompt(base, variables)
         check_text(system, "The system prompt")
-        progress = _Progress(message, cell_id)
+        progress = _Progress(message, cell_id, backend, chat, options, system, view)
         try:
-            self._loop(backend, chat, progress, options, system, view)
+            self._loop(progress)
         except KeyboardInterrupt:
-            self._record(chat, progress, options, interrupted=True)
+            self._record(progress, interrupted=True)
             raise
         except Exception:
             if progress.steps:  # code has run: keep what it did, then report the failure
-                self._record(chat, progress, options, interrupted=True)
+                self._record(progress, interrupted=True)
             raise
         stopped = bool(progress.stats.get("interrupted"))  # the Stop button
-        return self._record(chat, progress, options, interrupted=stopped)[0]
+        return self._record(progress, interrupted=stopped)[0]
 
-    def _loop(
-        self,
-        backend: Backend,
-        chat: Conversation,
-        progress: _Progress,
-        options: GenerationOptions,
-        system: str,
-        view: ViewChoice,
-    ) -> None:
+    def _loop(self, progress: _Progress) -> None:
         previous_code: str | None = None
         while True:
-            reply = self._reply(backend, chat, progress, options, system, view)
+            reply = self._reply(progress)
             text, stats = reply.text, reply.stats.as_record()
             code = proposed_code(text)
             if reply.cancelled or code is None or len(progress.steps) >= self.max_steps:
@@ -265,44 +263,36 @@ class Agent:
                 raise KeyboardInterrupt
             progress.steps.append(step)
 
-    def _reply(
-        self,
-        backend: Backend,
-        chat: Conversation,
-        progress: _Progress,
-        options: GenerationOptions,
-        system: str,
-        view: ViewChoice,
-    ) -> Reply:
+    def _reply(self, progress: _Progress) -> Reply:
         """Ask for the next reply and stream it into a new view; returns it once complete."""
+        backend, options = progress.backend, progress.options
+        cache_key = id(progress.chat) if self.chat.reuse_cache else None
         shown: View | None = None
         for attempt in (1, 2):
-            messages, dropped = self._fit(backend, chat, progress, options, system)
+            messages, dropped = self._fit(progress)
             for notice in backend.notices(options):
                 self.say(self.chat.presentation.notice_text(notice))
-            reply = backend.start(
-                messages, options, conversation=id(chat) if self.chat.reuse_cache else None
-            )
+            reply = backend.start(messages, options, conversation=cache_key)
             reply.stats.dropped_turns = dropped
-            shown = shown or self.chat._make(view)
+            shown = shown or self.chat._make(progress.view)
             if (start := getattr(shown, "start", None)) is not None:
                 start(reply)
             try:
-                self._stream(chat, progress, reply, shown)
+                self._stream(progress, reply, shown)
                 return reply
             except ContextTooLong:
                 if attempt == 2 or reply.text:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stream(self, chat: Conversation, progress: _Progress, reply: Reply, shown: View) -> None:
+    def _stream(self, progress: _Progress, reply: Reply, shown: View) -> None:
         footer = self.chat._footer
         try:
             show_events(reply, shown)
         except KeyboardInterrupt:
             reply.stats.interrupted = True
             progress.answer, progress.stats = reply.text, reply.stats.as_record()
-            why_not = self._why_not_recorded(chat, progress)
+            why_not = self._why_not_recorded(progress)
             shown.finish(_with_note(reply.text, INTERRUPTED_NOTE, why_not), footer(reply))
             raise
         except ContextTooLong:
@@ -314,23 +304,17 @@ class Agent:
         if reply.cancelled:  # the Stop button: the turn ends here, recorded as interrupted
             reply.stats.interrupted = True
             progress.answer, progress.stats = reply.text, reply.stats.as_record()
-            why_not = self._why_not_recorded(chat, progress)
+            why_not = self._why_not_recorded(progress)
             shown.finish(_with_note(reply.text, STOPPED_NOTE, why_not), footer(reply))
         else:
             shown.finish(reply.text, footer(reply))
         for note in reply.notes:
             self.say(self.chat.presentation.notice_text(note))
 
-    def _fit(
-        self,
-        backend: Backend,
-        chat: Conversation,
-        progress: _Progress,
-        options: GenerationOptions,
-        system: str,
-    ) -> tuple[list[Message], int]:
+    def _fit(self, progress: _Progress) -> tuple[list[Message], int]:
         """The conversation's history that fits beside the message, the steps so far and the
         reply; the steps' tokens are set aside from the history's room."""
+        backend, chat, options = progress.backend, progress.chat, progress.options
         context = context_for(backend, options, self.chat.context_tokens)
         if options.max_new_tokens >= context:
             raise QwenMagicError(
@@ -346,7 +330,7 @@ class Agent:
                 context_length=context,
                 max_new_tokens=options.max_new_tokens + reserve,
                 cell_id=progress.cell_id,
-                system_prompt=system,
+                system_prompt=progress.system,
             )
         except QwenMagicError as error:
             if extra:
@@ -360,22 +344,15 @@ class Agent:
             raise
         return [*messages, *extra], dropped
 
-    def _why_not_recorded(self, chat: Conversation, progress: _Progress) -> str | None:
+    def _why_not_recorded(self, progress: _Progress) -> str | None:
         """Why an interrupted turn is not recorded (as :class:`Chat` decides), or None."""
-        if chat.turn_index_of_cell(progress.cell_id) is not None:
+        if progress.chat.turn_index_of_cell(progress.cell_id) is not None:
             return "this cell's earlier turn stays"
         if not progress.answer and not progress.steps and progress.pending is None:
             return "nothing was written yet"
         return None
 
-    def _record(
-        self,
-        chat: Conversation,
-        progress: _Progress,
-        options: GenerationOptions,
-        *,
-        interrupted: bool,
-    ) -> tuple[Turn, str | None]:
+    def _record(self, progress: _Progress, *, interrupted: bool) -> tuple[Turn, str | None]:
         if progress.pending is not None:  # Ctrl-C at the approval prompt or while it ran
             progress.steps.append(progress.pending)
             progress.pending = None
@@ -387,11 +364,11 @@ class Agent:
             cell_id=progress.cell_id,
             interrupted=interrupted,
             model=self.chat.backend.name,
-            options=options.as_record(),
+            options=progress.options.as_record(),
             stats=stats,
             steps=progress.steps,
         )
-        why_not = self._why_not_recorded(chat, progress) if interrupted else None
+        why_not = self._why_not_recorded(progress) if interrupted else None
         if why_not is None:
-            chat.record(turn)
+            progress.chat.record(turn)
         return turn, why_not
