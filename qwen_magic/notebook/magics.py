@@ -324,7 +324,7 @@ class QwenMagics(MagicsSettings):
     # -- the conversation ----------------------------------------------------------------
 
     @magic_arguments()
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @arguments.CONVERSATION
     @argument("--all", action="store_true", help="Show every turn, not only the latest ones.")
     @line_magic
     @one_line_errors
@@ -339,7 +339,7 @@ class QwenMagics(MagicsSettings):
         )
 
     @magic_arguments()
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @arguments.CONVERSATION
     @argument("--all", action="store_true", help="Reset every conversation of this notebook.")
     @line_magic
     @one_line_errors
@@ -352,7 +352,7 @@ class QwenMagics(MagicsSettings):
         print(f"Reset {', '.join(map(repr, names)) or 'nothing'}: {dropped} turns forgotten.")
 
     @magic_arguments()
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @arguments.CONVERSATION
     @line_magic
     @one_line_errors
     def qwen_pop(self, line: str = "") -> None:
@@ -363,7 +363,7 @@ class QwenMagics(MagicsSettings):
         print(f"Removed the last turn: {turn.user[:60]!r}")
 
     @magic_arguments()
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @arguments.CONVERSATION
     @argument("prompt", nargs="*", help="The new system prompt (none: show the current one).")
     @line_magic
     @one_line_errors
@@ -407,7 +407,7 @@ class QwenMagics(MagicsSettings):
         print(f"Restored {self.session.restore(path)} from {path}.")
 
     @magic_arguments()
-    @argument("-c", "--conversation", default=DEFAULT_NAME, help="Conversation name.")
+    @arguments.CONVERSATION
     @argument(
         "--force",
         action="store_true",
