@@ -110,8 +110,9 @@ class ApprovalButtons:
         self.skip.on_click(lambda _b: self._choose("skip"))
         self.edit.on_click(lambda _b: self._open_editor())
         self.stop.on_click(lambda _b: self._choose("stop"))
-        row = ipywidgets.HBox([self.label, self.run, self.skip, self.edit, self.stop])
-        self.box = ipywidgets.VBox([row, self.editor, ipywidgets.HTML(CODE_STYLE)])
+        self.row = ipywidgets.HBox([self.label, self.run, self.skip, self.edit, self.stop])
+        self.style = ipywidgets.HTML(CODE_STYLE)
+        self.box = ipywidgets.VBox([self.row, self.editor, self.style])
 
     @staticmethod
     def _button(description: str, icon: str, style: str, tooltip: str) -> Any:
@@ -166,5 +167,5 @@ class ApprovalButtons:
         if self._handle is not None:
             self._handle.update({"text/plain": outcome}, raw=True)
             self._handle = None
-        for widget in (*self.widgets(), self.label, *self.box.children, self.box):
+        for widget in (*self.widgets(), self.label, self.style, self.row, self.box):
             widget.close()
