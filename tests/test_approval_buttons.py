@@ -191,3 +191,19 @@ def test_in_a_kernel_the_buttons_decide_while_the_cell_runs():
         )["content"]
         assert reply["status"] == "ok" and len(prompts) == 1, (reply, prompts)
         assert k.value(f"{TURNS}[-1].steps[0]['action']") == "skipped"
+
+
+def test_in_a_terminal_even_approval_buttons_asks_at_the_prompt(shell, monkeypatch):
+    """Outside a Jupyter kernel no one could click, so approval='buttons' asks at the prompt
+    (pytest has no terminal: stdin is taken to be one here)."""
+    from types import SimpleNamespace
+
+    import qwen_magic
+    from qwen_magic.notebook import acting
+    from qwen_magic.notebook.approval import PromptApprover
+
+    monkeypatch.setattr(acting, "stdin_available", lambda _shell: True)
+    args = SimpleNamespace(yes=False, max_steps=None)
+    for approval in ("auto", "buttons", "prompt"):
+        agent = acting.make_agent(shell, qwen_magic.Chat(), args, approval, "auto")
+        assert type(agent.approver) is PromptApprover, approval

@@ -59,16 +59,17 @@ def make_agent(
     shell: Any, chat: Chat, args: Any, approval: str = "auto", view: str = "auto"
 ) -> Agent:
     """The agent for one cell: ``--yes`` approves each step, else the user is asked, with
-    buttons (``approval`` ``"buttons"``, or ``"auto"`` where replies stream into widgets) or
-    at the text prompt."""
+    buttons in a Jupyter kernel (``approval`` ``"buttons"``, or ``"auto"`` where replies stream
+    into widgets) or at the text prompt (``"prompt"``, and wherever widgets cannot show)."""
     if args.yes:
         approver: Any = YesApprover()
     elif stdin_available(shell):
         # Without stdin (nbclient, nbval) nobody could click either: refused below.
         approver = PromptApprover()
-        if approval == "buttons" or (
-            approval == "auto" and view != "text" and in_widget_frontend()
-        ):
+        # Buttons only where widgets show (a terminal could never click them): "buttons" there,
+        # or "auto" with replies streaming into widgets.
+        wanted = approval == "buttons" or (approval == "auto" and view != "text")
+        if wanted and in_widget_frontend():
             approver = ButtonApprover(fallback=approver)
     else:
         raise QwenMagicError(NO_STDIN)

@@ -58,7 +58,8 @@ class MagicsSettings(Magics):
         ("auto", "buttons", "prompt"),
         "auto",
         help="How %%qwen --run asks before each step's code runs: buttons under the cell "
-        "(auto: where replies stream into widgets) or a text prompt (the kernel's stdin).",
+        "(auto: where replies stream into widgets; never in a terminal) or a text prompt "
+        "(the kernel's stdin, or the terminal).",
     ).tag(config=True)
     history_file = Unicode(
         "",
